@@ -1,0 +1,319 @@
+"""One sweep: data, backbone, cached features, the Optuna study with one MLflow child run per trial, the test pass.
+
+Started by ``mlflow run . -e sweep --env-manager local -P data_dir=...`` or ``research sweep``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+from mlflow.tracking import MlflowClient
+from rich.progress import Progress
+
+from research import tracking
+from research.audit import Audit, audit_dataset, audit_markdown
+from research.backbone import Weights, create_backbone, data_config, resolve_weights, select_device
+from research.cache import CacheEntry, load_or_build
+from research.classifiers import fit_linear_svm
+from research.data import Dataset, load_dataset
+from research.features import extract_features, feature_layers, resolve_layer, resolve_precision, split_arrays
+from research.studies import StudyConfig, load_study, make_sampler
+
+log = logging.getLogger(__name__)
+
+MLFLOW_RUN_ID_ATTR = "mlflow_run_id"
+
+
+@dataclass
+class SweepConfig:
+    """Every input of a sweep, as given on the command line or by MLproject."""
+
+    data_dir: str
+    study: str = "svm"
+    n_trials: int = 20
+    backbone: str = "vgg16"
+    weights: str = "imagenet"
+    image_size: int = 224
+    limit_per_class: int = 0
+    storage: str = "sqlite:///optuna.db"
+    seed: int = 0
+    experiment: str = "15-scene"
+    study_name: str = ""
+    cache_dir: str = "feature-cache"
+    precision: str = "auto"
+    batch_size: int = 32
+    num_workers: int = 1
+    val_fraction: float = 0.2
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Reject out-of-range numbers before any work."""
+        checks = {
+            "n_trials": self.n_trials >= 1,
+            "image_size": self.image_size >= 32,
+            "limit_per_class": self.limit_per_class >= 0,
+            "batch_size": self.batch_size >= 1,
+            "num_workers": self.num_workers >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                minimum = {"n_trials": 1, "image_size": 32, "batch_size": 1}.get(name, 0)
+                raise ValueError(f"{name}={getattr(self, name)} is invalid; it must be at least {minimum}.")
+
+
+@dataclass
+class Features:
+    """Cached features of the three splits for one layer."""
+
+    layer: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def default_study_name(config: SweepConfig, weights: Weights, audit: Audit) -> str:
+    """Name the Optuna study after what makes its trials comparable, so a re-run resumes it."""
+    from research.cache import cache_key
+
+    data = cache_key({"files": sorted(audit.file_digests.items())})[:8]
+    limit = f"-limit{config.limit_per_class}" if config.limit_per_class else ""
+    return f"{config.study}-{config.backbone}-{weights.kind}-{config.image_size}px{limit}-seed{config.seed}-data{data}"
+
+
+def _extract_cached(config: SweepConfig, dataset: Dataset, audit: Audit, weights: Weights) -> tuple[CacheEntry, str]:
+    """Return the cache entry of every image of the dataset, running the backbone only on a miss."""
+    device = select_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    files = sorted(audit.file_digests)
+    fields = {
+        "model": config.backbone,
+        "weights": weights.digest,
+        "pooling": "max",
+        "image_size": config.image_size,
+        "precision": precision,
+        "files": files,
+        "file_digests": [audit.file_digests[f] for f in files],
+    }
+
+    def build():
+        model = create_backbone(config.backbone, weights)
+        extraction = extract_features(
+            model,
+            [dataset.root / f for f in files],
+            data_config(model, config.image_size),
+            device=device,
+            precision=precision,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+        )
+        extra = {
+            "batch_seconds": extraction.batch_seconds,
+            "batch_size": extraction.batch_size,
+            "images_per_second": extraction.images_per_second,
+            "layers": list(feature_layers(model)),
+        }
+        return extraction.arrays, extra
+
+    return load_or_build(Path(config.cache_dir), fields, build), precision
+
+
+def _features(entry: CacheEntry, dataset: Dataset, layer: str) -> Features:
+    layer = resolve_layer(entry.manifest["layers"], layer)
+    parts = {}
+    for split in ("train", "val", "test"):
+        parts[split] = split_arrays(entry.arrays, entry.rows, dataset.split(split), dataset.root, layer)
+    return Features(layer, *parts["train"], *parts["val"], *parts["test"])
+
+
+def _trial_run_name(trial_number: int, params: dict) -> str:
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return f"trial-{trial_number:03d} {shown}"
+
+
+def _make_objective(client: MlflowClient, parent_id: str, experiment_id: str, study: StudyConfig, features: Features, shared_params: dict, seed: int):
+    """Build the Optuna objective: fit on train, score on validation, one MLflow child run per trial."""
+
+    def objective(trial: optuna.Trial) -> float:
+        params = study.suggest(trial)
+        searched = {spec.name: params[spec.name] for spec in study.params}
+        run = client.create_run(
+            experiment_id,
+            run_name=_trial_run_name(trial.number, searched),
+            tags={
+                "mlflow.parentRunId": parent_id,
+                "optuna.study_name": trial.study.study_name,
+                "optuna.trial_number": str(trial.number),
+            },
+        )
+        run_id = run.info.run_id
+        trial.set_user_attr(MLFLOW_RUN_ID_ATTR, run_id)
+
+        try:
+            tracking.log_params(client, run_id, {**shared_params, **params, "classifier": study.classifier, "layer": features.layer})
+            result = fit_linear_svm(
+                features.x_train, features.y_train, C=params["svm_C"],
+                normalize=params.get("normalize", "standard"), max_iter=int(params.get("max_iter", 5000)), seed=seed,
+            )
+            val_accuracy = result.accuracy(features.x_val, features.y_val)
+            tracking.log_metrics(client, run_id, {
+                "val_accuracy": val_accuracy,
+                "train_accuracy": result.accuracy(features.x_train, features.y_train),
+                "fit_seconds": result.fit_seconds,
+            })
+            tracking.set_tags(client, run_id, {"svm_converged": result.converged})
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+        return val_accuracy
+
+    return objective
+
+
+def _run_study(config: SweepConfig, study_config: StudyConfig, study_name: str, objective) -> optuna.Study:
+    """Create or resume the Optuna study and run trials until ``n_trials`` are finished."""
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=config.storage,
+        sampler=make_sampler(study_config, config.seed),
+        direction=study_config.direction,
+        load_if_exists=True,
+    )
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=done_states))
+    remaining = config.n_trials - done
+    log.info("Optuna study '%s' (%s): %d trials finished, %d to run.", study_name, tracking.redact_url(config.storage), done, max(remaining, 0))
+    if remaining <= 0:
+        return study
+
+    with Progress() as progress:
+        task = progress.add_task("trials", total=remaining)
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            callbacks=[
+                optuna.study.MaxTrialsCallback(config.n_trials, states=done_states),
+                lambda _study, _trial: progress.advance(task),
+            ],
+        )
+    return study
+
+
+def _test_best(client: MlflowClient, parent_id: str, study: optuna.Study, study_config: StudyConfig, features: Features, seed: int) -> dict:
+    """Refit the best configuration on train + validation and evaluate it once on the test set."""
+    best = study.best_trial
+    params = {**study_config.fixed, **best.params}
+    x = np.concatenate([features.x_train, features.x_val])
+    y = np.concatenate([features.y_train, features.y_val])
+    result = fit_linear_svm(
+        x, y, C=params["svm_C"], normalize=params.get("normalize", "standard"), seed=seed,
+        max_iter=int(params.get("max_iter", 5000)),
+    )
+    metrics = {
+        "best_val_accuracy": best.value,
+        "test_accuracy": result.accuracy(features.x_test, features.y_test),
+        "refit_train_accuracy": result.accuracy(x, y),
+    }
+    tracking.log_metrics(client, parent_id, metrics)
+    tracking.log_params(client, parent_id, {f"best_{k}": v for k, v in params.items()} | {"best_trial_number": best.number})
+    log.info("Best trial %d: %s, validation accuracy %.4f, test accuracy %.4f.", best.number, params, best.value, metrics["test_accuracy"])
+    return metrics
+
+
+def _log_extraction(client: MlflowClient, run_id: str, entry: CacheEntry, precision: str) -> None:
+    manifest = entry.manifest
+    tracking.log_metrics(client, run_id, {"images_per_second": manifest["images_per_second"]})
+    tracking.log_series(client, run_id, "extract_batch_seconds", manifest["batch_seconds"])
+    tracking.log_params(client, run_id, {"precision": precision, "feature_cache_key": entry.key, "extract_batch_size": manifest["batch_size"]})
+    tracking.set_tags(client, run_id, {"feature_cache_hit": entry.hit})
+
+
+def run_sweep(config: SweepConfig) -> dict:
+    """Run the whole sweep and return the parent run's id and its test metrics."""
+    start = time.perf_counter()
+    config.validate()
+    study_config = load_study(config.study)
+    weights = resolve_weights(config.backbone, config.weights)
+    dataset = load_dataset(config.data_dir, seed=config.seed, val_fraction=config.val_fraction, limit_per_class=config.limit_per_class)
+    client = MlflowClient()
+
+    with Progress() as progress:
+        task = progress.add_task("audit", total=len(dataset.train) + len(dataset.val) + len(dataset.test))
+        audit = audit_dataset(dataset, progress=lambda n: progress.advance(task, n))
+    study_name = config.study_name or default_study_name(config, weights, audit)
+
+    with tracking.parent_run(client, config.experiment, f"sweep {config.study} {config.backbone}") as parent_id:
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        shared = {"backbone": config.backbone, "weights": weights.label, "image_size": config.image_size, "seed": config.seed}
+        tracking.log_params(client, parent_id, {
+            **shared, "study": config.study, "study_name": study_name, "data_dir": str(dataset.root),
+            "n_trials": config.n_trials, "limit_per_class": config.limit_per_class, "val_fraction": config.val_fraction,
+            "storage": tracking.redact_url(config.storage), "classifier": study_config.classifier,
+            "weights_request": config.weights,
+        })
+        tracking.set_tags(client, parent_id, {
+            "optuna.study_name": study_name,
+            "weights_kind": weights.kind,
+            "weights_random": weights.is_random,
+            "mlflow.note.content": _description(config, study_config, dataset, weights, study_name),
+        })
+        tracking.log_json(client, parent_id, audit.to_json(), "audit/audit.json")
+        tracking.log_text(client, parent_id, audit_markdown(audit), "audit/audit.md")
+        tracking.log_metrics(client, parent_id, {
+            "n_train": len(dataset.train), "n_val": len(dataset.val), "n_test": len(dataset.test),
+            "duplicate_groups_within": len(audit.duplicates_within), "duplicate_groups_across": len(audit.duplicates_across),
+            "skipped_files": len(audit.skipped_files),
+        })
+        environment = tracking.environment_info()
+        tracking.log_json(client, parent_id, environment, "environment.json")
+        tracking.set_tags(client, parent_id, {"git_commit": environment["git_commit"], "cpu_model": environment["cpu_model"]})
+
+        entry, precision = _extract_cached(config, dataset, audit, weights)
+        _log_extraction(client, parent_id, entry, precision)
+        features = _features(entry, dataset, study_config.layer)
+
+        objective = _make_objective(client, parent_id, experiment_id, study_config, features, {**shared, "precision": precision}, config.seed)
+        study = _run_study(config, study_config, study_name, objective)
+        metrics = _test_best(client, parent_id, study, study_config, features, config.seed)
+        tracking.log_metrics(client, parent_id, {"sweep_seconds": time.perf_counter() - start})
+
+    return {"parent_run_id": parent_id, "study_name": study_name, "cache_hit": entry.hit, **metrics}
+
+
+def _description(config: SweepConfig, study: StudyConfig, dataset: Dataset, weights: Weights, study_name: str) -> str:
+    lines = [
+        f"Study `{config.study}` ({study.description.strip()}) on {dataset.root} ({dataset.layout}, {len(dataset.classes)} classes).",
+        f"Backbone `{config.backbone}` with weights `{weights.label}`, {config.image_size} px. Optuna study `{study_name}`.",
+    ]
+    if weights.is_random:
+        lines.insert(0, "**RANDOM WEIGHTS**: the backbone is randomly initialised (weights=none); accuracies do not measure ImageNet transfer.")
+    return "\n\n".join(lines)
+
+
+def run_extract(config: SweepConfig) -> dict:
+    """Audit the dataset and fill the feature cache, tracked as one MLflow run; no study is run."""
+    config.validate()
+    weights = resolve_weights(config.backbone, config.weights)
+    dataset = load_dataset(config.data_dir, seed=config.seed, val_fraction=config.val_fraction, limit_per_class=config.limit_per_class)
+    audit = audit_dataset(dataset)
+    client = MlflowClient()
+
+    with tracking.parent_run(client, config.experiment, f"extract {config.backbone}") as run_id:
+        tracking.log_params(client, run_id, {
+            "backbone": config.backbone, "weights": weights.label, "image_size": config.image_size,
+            "data_dir": str(dataset.root), "limit_per_class": config.limit_per_class,
+        })
+        tracking.set_tags(client, run_id, {"weights_kind": weights.kind, "weights_random": weights.is_random})
+        tracking.log_text(client, run_id, audit_markdown(audit), "audit/audit.md")
+        entry, precision = _extract_cached(config, dataset, audit, weights)
+        _log_extraction(client, run_id, entry, precision)
+
+    return {"run_id": run_id, "cache_dir": str(entry.path), "cache_hit": entry.hit, "images_per_second": entry.manifest["images_per_second"]}
