@@ -17,6 +17,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_SECONDS = 5.0
+# weights=none draws the random initialisation from this fixed seed, so two runs (and the feature
+# cache shared between them) see the same random backbone whatever the sweep's seed.
+RANDOM_INIT_SEED = 0
 
 
 class WeightsError(RuntimeError):
@@ -91,7 +94,7 @@ def resolve_weights(model_name: str, request: str) -> Weights:
     _check_model_name(model_name)
     lowered = request.strip().lower()
     if lowered in {"none", "random"}:
-        return Weights(request, "random", "random", "random")
+        return Weights(request, "random", "random", f"random-init-seed{RANDOM_INIT_SEED}")
 
     if lowered == "imagenet":
         cfg = timm.models.get_pretrained_cfg(model_name)
@@ -129,7 +132,9 @@ def create_backbone(model_name: str, weights: Weights) -> nn.Module:
     """
     try:
         if weights.kind == "random":
-            model = timm.create_model(model_name, pretrained=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = timm.create_model(model_name, pretrained=False)
             log.warning("Backbone %s uses RANDOM weights (weights=none): accuracies are not ImageNet transfer.", model_name)
         elif weights.kind == "imagenet":
             model = timm.create_model(model_name, pretrained=True)

@@ -232,7 +232,7 @@ def _log_extraction(client: MlflowClient, run_id: str, entry: CacheEntry, precis
     manifest = entry.manifest
     tracking.log_metrics(client, run_id, {"images_per_second": manifest["images_per_second"]})
     tracking.log_series(client, run_id, "extract_batch_seconds", manifest["batch_seconds"])
-    tracking.log_params(client, run_id, {"precision": precision, "feature_cache_key": entry.key, "extract_batch_size": manifest["batch_size"]})
+    tracking.log_new_params(client, run_id, {"precision": precision, "feature_cache_key": entry.key, "extract_batch_size": manifest["batch_size"]})
     tracking.set_tags(client, run_id, {"feature_cache_hit": entry.hit})
 
 
@@ -253,7 +253,7 @@ def run_sweep(config: SweepConfig) -> dict:
     with tracking.parent_run(client, config.experiment, f"sweep {config.study} {config.backbone}") as parent_id:
         experiment_id = client.get_run(parent_id).info.experiment_id
         shared = {"backbone": config.backbone, "weights": weights.label, "image_size": config.image_size, "seed": config.seed}
-        tracking.log_params(client, parent_id, {
+        tracking.log_new_params(client, parent_id, {
             **shared, "study": config.study, "study_name": study_name, "data_dir": str(dataset.root),
             "n_trials": config.n_trials, "limit_per_class": config.limit_per_class, "val_fraction": config.val_fraction,
             "storage": tracking.redact_url(config.storage), "classifier": study_config.classifier,
@@ -307,7 +307,7 @@ def run_extract(config: SweepConfig) -> dict:
     client = MlflowClient()
 
     with tracking.parent_run(client, config.experiment, f"extract {config.backbone}") as run_id:
-        tracking.log_params(client, run_id, {
+        tracking.log_new_params(client, run_id, {
             "backbone": config.backbone, "weights": weights.label, "image_size": config.image_size,
             "data_dir": str(dataset.root), "limit_per_class": config.limit_per_class,
         })

@@ -43,6 +43,22 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
 
+def log_new_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    """Log params on a run that may already have some, as the parent run created by ``mlflow run`` has.
+
+    MLflow forbids changing a logged param, so a key already logged with another value (the raw
+    ``-P`` text, say) keeps it and the resolved value goes to ``resolved_<key>``.
+    """
+    existing = client.get_run(run_id).data.params
+    new = {}
+    for key, value in params.items():
+        if key not in existing:
+            new[key] = value
+        elif existing[key] != str(value):
+            new[f"resolved_{key}"] = value
+    log_params(client, run_id, new)
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log scalar metrics in one call."""
     now = int(time.time() * 1000)
@@ -140,8 +156,7 @@ def parent_run(client: MlflowClient, experiment_name: str, run_name: str):
     existing = os.environ.get("MLFLOW_RUN_ID")
     if existing:
         run_id = existing
-        if not client.get_run(run_id).info.run_name:
-            client.set_tag(run_id, "mlflow.runName", run_name)
+        client.set_tag(run_id, "mlflow.runName", run_name)
         owned = False
     else:
         experiment_id = resolve_experiment(client, experiment_name)
