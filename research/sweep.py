@@ -22,11 +22,11 @@ from research.cache import CacheEntry, load_or_build
 from research.classifiers import fit_linear_svm
 from research.data import Dataset, load_dataset
 from research.features import extract_features, feature_layers, resolve_layer, resolve_precision, split_arrays
-from research.studies import StudyConfig, load_study, make_sampler
+from research.objectives import make_objective
+from research.optimize import run_study
+from research.studies import StudyConfig, load_study
 
 log = logging.getLogger(__name__)
-
-MLFLOW_RUN_ID_ATTR = "mlflow_run_id"
 
 
 @dataclass
@@ -133,80 +133,6 @@ def _features(entry: CacheEntry, dataset: Dataset, layer: str) -> Features:
     return Features(layer, *parts["train"], *parts["val"], *parts["test"])
 
 
-def _trial_run_name(trial_number: int, params: dict) -> str:
-    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-    return f"trial-{trial_number:03d} {shown}"
-
-
-def _make_objective(client: MlflowClient, parent_id: str, experiment_id: str, study: StudyConfig, features: Features, shared_params: dict, seed: int):
-    """Build the Optuna objective: fit on train, score on validation, one MLflow child run per trial."""
-
-    def objective(trial: optuna.Trial) -> float:
-        params = study.suggest(trial)
-        searched = {spec.name: params[spec.name] for spec in study.params}
-        run = client.create_run(
-            experiment_id,
-            run_name=_trial_run_name(trial.number, searched),
-            tags={
-                "mlflow.parentRunId": parent_id,
-                "optuna.study_name": trial.study.study_name,
-                "optuna.trial_number": str(trial.number),
-            },
-        )
-        run_id = run.info.run_id
-        trial.set_user_attr(MLFLOW_RUN_ID_ATTR, run_id)
-
-        try:
-            tracking.log_params(client, run_id, {**shared_params, **params, "classifier": study.classifier, "layer": features.layer})
-            result = fit_linear_svm(
-                features.x_train, features.y_train, C=params["svm_C"],
-                normalize=params.get("normalize", "standard"), max_iter=int(params.get("max_iter", 5000)), seed=seed,
-            )
-            val_accuracy = result.accuracy(features.x_val, features.y_val)
-            tracking.log_metrics(client, run_id, {
-                "val_accuracy": val_accuracy,
-                "train_accuracy": result.accuracy(features.x_train, features.y_train),
-                "fit_seconds": result.fit_seconds,
-            })
-            tracking.set_tags(client, run_id, {"svm_converged": result.converged})
-        except BaseException:
-            client.set_terminated(run_id, status="FAILED")
-            raise
-        client.set_terminated(run_id, status="FINISHED")
-        return val_accuracy
-
-    return objective
-
-
-def _run_study(config: SweepConfig, study_config: StudyConfig, study_name: str, objective) -> optuna.Study:
-    """Create or resume the Optuna study and run trials until ``n_trials`` are finished."""
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=config.storage,
-        sampler=make_sampler(study_config, config.seed),
-        direction=study_config.direction,
-        load_if_exists=True,
-    )
-    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=done_states))
-    remaining = config.n_trials - done
-    log.info("Optuna study '%s' (%s): %d trials finished, %d to run.", study_name, tracking.redact_url(config.storage), done, max(remaining, 0))
-    if remaining <= 0:
-        return study
-
-    with Progress() as progress:
-        task = progress.add_task("trials", total=remaining)
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            callbacks=[
-                optuna.study.MaxTrialsCallback(config.n_trials, states=done_states),
-                lambda _study, _trial: progress.advance(task),
-            ],
-        )
-    return study
-
-
 def _test_best(client: MlflowClient, parent_id: str, study: optuna.Study, study_config: StudyConfig, features: Features, seed: int) -> dict:
     """Refit the best configuration on train + validation and evaluate it once on the test set."""
     best = study.best_trial
@@ -280,8 +206,8 @@ def run_sweep(config: SweepConfig) -> dict:
         _log_extraction(client, parent_id, entry, precision)
         features = _features(entry, dataset, study_config.layer)
 
-        objective = _make_objective(client, parent_id, experiment_id, study_config, features, {**shared, "precision": precision}, config.seed)
-        study = _run_study(config, study_config, study_name, objective)
+        objective = make_objective(client, parent_id, experiment_id, study_config, features, {**shared, "precision": precision}, config.seed)
+        study = run_study(config, study_config, study_name, objective)
         metrics = _test_best(client, parent_id, study, study_config, features, config.seed)
         tracking.log_metrics(client, parent_id, {"sweep_seconds": time.perf_counter() - start})
 
