@@ -1,0 +1,200 @@
+"""Matplotlib figures of the report and of the predict and feature-map commands, saved reproducibly.
+
+Figures are built on ``matplotlib.figure.Figure`` (no pyplot, so no global state and no GUI
+backend) and saved as PNG without the ``Software`` and date metadata: the same data gives the same
+bytes on the same matplotlib version.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from research.report_text import Text
+
+DPI = 100
+
+
+def save_png(figure: Figure, path: Path) -> Path:
+    """Write ``figure`` to ``path`` as a PNG without run-dependent metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def predict_figure(picture: np.ndarray, top: list[dict], text: Text) -> Figure:
+    """Draw a picture titled with its top class, beside the table of its top classes.
+
+    Args:
+        picture: RGB or grayscale pixels, as the user's file holds them.
+        top: Classes in decreasing probability, dicts with ``label`` and ``probability``.
+        text: Strings of the figure's language.
+    """
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    image_axes, table_axes = figure.subplots(1, 2, width_ratios=(1, 1.3))
+    image_axes.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+    image_axes.set_axis_off()
+    image_axes.set_title(f"{top[0]['label']} ({text.percent(top[0]['probability'], 1)})", fontsize=13)
+
+    table_axes.set_axis_off()
+    table_axes.set_title(text("fig_top5", k=len(top)))
+    cells = [[str(i + 1), entry["label"], text.percent(entry["probability"], 1)] for i, entry in enumerate(top)]
+    table = table_axes.table(
+        cellText=cells,
+        colLabels=[text("col_rank"), text("col_class"), text("col_probability")],
+        colWidths=(0.12, 0.63, 0.25),
+        loc="center",
+        cellLoc="left",
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(10)
+    table.scale(1.0, 1.6)
+    return figure
+
+
+def _grid_shape(count: int) -> tuple[int, int]:
+    columns = math.ceil(math.sqrt(count))
+    return math.ceil(count / columns), columns
+
+
+def maps_figure(maps: np.ndarray, title: str) -> Figure:
+    """Draw every feature map in a grid, each scaled to its own minimum and maximum.
+
+    Args:
+        maps: Array of shape (channels, height, width).
+        title: Figure title.
+    """
+    rows, columns = _grid_shape(maps.shape[0])
+    figure = Figure(figsize=(columns * 1.3, rows * 1.3 + 0.5), layout="constrained")
+    figure.suptitle(title)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if index >= maps.shape[0]:
+            continue
+        ax.imshow(maps[index], cmap="viridis")
+        ax.set_title(str(index), fontsize=7, pad=1)
+    return figure
+
+
+def threshold_masks(maps: np.ndarray, quantile: float) -> np.ndarray:
+    """Mark, in each map, the positive values at or above the map's ``quantile``."""
+    levels = np.quantile(maps.reshape(maps.shape[0], -1), quantile, axis=1)[:, None, None]
+    return (maps >= levels) & (maps > 0)
+
+
+def threshold_figure(picture: np.ndarray, maps: np.ndarray, quantile: float, title: str) -> Figure:
+    """Draw, for each map, its most active region in red over the grayscale picture.
+
+    Args:
+        picture: Grayscale pixels in [0, 1], with the maps' height and width.
+        maps: Array of shape (channels, height, width).
+        quantile: A pixel is marked when its value is at or above this quantile of its map.
+        title: Figure title.
+    """
+    masks = threshold_masks(maps, quantile)
+    rows, columns = _grid_shape(maps.shape[0])
+    figure = Figure(figsize=(columns * 1.3, rows * 1.3 + 0.5), layout="constrained")
+    figure.suptitle(title)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if index >= maps.shape[0]:
+            continue
+        overlay = np.repeat(picture[:, :, None] * 0.6, 3, axis=2)
+        overlay[masks[index]] = (1.0, 0.1, 0.1)
+        ax.imshow(overlay)
+        ax.set_title(str(index), fontsize=7, pad=1)
+    return figure
+
+
+def svm_figure(c_values: list[float], accuracies: list[float], best: tuple[float, float], text: Text) -> Figure:
+    """Plot validation accuracy against C on a log axis, the best trial highlighted."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    ax = figure.subplots()
+    order = np.argsort(c_values)
+    ax.plot(np.asarray(c_values)[order], 100 * np.asarray(accuracies)[order], "o-", color="tab:blue", label=text("fig_trials"))
+    ax.plot([best[0]], [100 * best[1]], "*", color="tab:red", markersize=14, label=text("fig_best"))
+    ax.set_xscale("log")
+    ax.set_xlabel("svm_C")
+    ax.set_ylabel(text("fig_val_accuracy") + " (%)")
+    ax.set_title(text("fig_svm_title"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return figure
+
+
+def curves_figure(curves: dict[str, dict[str, list[tuple[int, float]]]], text: Text) -> Figure:
+    """Plot training and validation loss and accuracy per epoch, one colour per labelled trial.
+
+    Args:
+        curves: Label (such as ``fc_width=4096``) to metric name (``train_loss``, ``val_loss``,
+            ``train_accuracy``, ``val_accuracy``) to (epoch, value) pairs.
+        text: Strings of the figure's language.
+    """
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    colours = [f"C{i}" for i in range(10)]
+    for index, (label, metrics) in enumerate(curves.items()):
+        colour = colours[index % len(colours)]
+        for split, style in (("train", "-"), ("val", "--")):
+            for ax, kind, scale in ((loss_axes, "loss", 1.0), (accuracy_axes, "accuracy", 100.0)):
+                points = metrics.get(f"{split}_{kind}", [])
+                if points:
+                    steps, values = zip(*points)
+                    name = f"{label}, {text('fig_' + split)}"
+                    ax.plot(steps, np.asarray(values) * scale, style, color=colour, label=name)
+    loss_axes.set_ylabel(text("fig_loss"))
+    accuracy_axes.set_ylabel(text("fig_accuracy") + " (%)")
+    for ax, metric in ((loss_axes, text("fig_loss")), (accuracy_axes, text("fig_accuracy"))):
+        ax.set_xlabel(text("fig_epoch"))
+        ax.set_title(text("fig_curves_title", metric=metric))
+        ax.grid(True, alpha=0.3)
+    accuracy_axes.legend(fontsize=7, loc="lower right")
+    return figure
+
+
+def activation_figure(scales: dict[str, list[float]], layers: list[str], text: Text) -> Figure:
+    """Plot the mean absolute activation after each pooling layer, one line per pooling variant."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    ax = figure.subplots()
+    for pooling, values in scales.items():
+        ax.plot(layers, values, "o-", label=pooling)
+    ax.set_yscale("log")
+    ax.set_xlabel(text("fig_pool_layer"))
+    ax.set_ylabel(text("fig_activation_y"))
+    ax.set_title(text("fig_activation_title"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return figure
+
+
+def history_figure(numbers: list[int], values: list[float], maximize: bool, study: str, objective: str, text: Text) -> Figure:
+    """Plot each trial's objective value and the best value so far."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    ax = figure.subplots()
+    best = np.maximum.accumulate(values) if maximize else np.minimum.accumulate(values)
+    ax.plot(numbers, values, "o", color="tab:blue", label=objective)
+    ax.step(numbers, best, where="post", color="tab:red", label=text("fig_best_so_far"))
+    ax.set_xlabel(text("fig_trial"))
+    ax.set_ylabel(objective)
+    ax.set_title(text("fig_history_title", study=study), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return figure
+
+
+def importance_figure(importances: dict[str, float], study: str, text: Text) -> Figure:
+    """Draw parameter importances as horizontal bars, the largest at the top."""
+    names = list(importances)[::-1]
+    figure = Figure(figsize=(7, 0.5 * len(names) + 1.5), layout="constrained")
+    ax = figure.subplots()
+    ax.barh(names, [importances[name] for name in names], color="tab:blue")
+    ax.set_xlabel(text("fig_importance"))
+    ax.set_xlim(0, 1)
+    ax.set_title(text("fig_importance_title", study=study), fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    return figure
