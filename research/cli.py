@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="Run an Optuna study on cached backbone features, tracked in MLflow.")
     _add_run_options(sweep)
-    sweep.add_argument("--study", default="svm", help="Study file name in sweeps/, without .yaml (default: %(default)s).")
+    sweep.add_argument("--study", default=SweepConfig.study, help="Study file name in sweeps/, without .yaml (default: %(default)s).")
+    sweep.add_argument("--seeds", type=_whole_number, default=SweepConfig.seeds, help="Seeds the best configuration is refit and tested with (default: %(default)s).")
     sweep.add_argument("--n-trials", type=_whole_number, default=20, help="Finished trials the study must reach; a re-run resumes (default: %(default)s).")
     sweep.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s).")
     sweep.add_argument("--study-name", default="", help="Optuna study name (default: derived from study, backbone, weights, size, seed and data).")

@@ -8,7 +8,7 @@ import optuna
 from rich.progress import Progress
 
 from research import tracking
-from research.studies import StudyConfig, make_sampler
+from research.studies import StudyConfig, make_pruner, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ def run_study(config, study_config: StudyConfig, study_name: str, objective) -> 
         study_name=study_name,
         storage=config.storage,
         sampler=make_sampler(study_config, config.seed),
+        pruner=make_pruner(study_config),
         direction=study_config.direction,
         load_if_exists=True,
     )

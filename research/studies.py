@@ -11,6 +11,13 @@ A study file looks like::
       normalize: {type: categorical, choices: [standard, l2]}
     fixed:
       max_iter: 5000
+
+A parameter may carry ``when: {classifier: head}``: it is drawn only in trials where the earlier
+parameter ``classifier`` has that value (a conditional search space, as in ``full.yaml``). The
+classifier is either the top-level ``classifier`` or a searched categorical ``params.classifier``.
+``pruner`` selects an Optuna pruner for classifiers that report per epoch (the head)::
+
+    pruner: {type: median, n_startup_trials: 3, n_warmup_steps: 5}
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ import optuna
 import yaml
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
-CLASSIFIERS = ("svm",)
+CLASSIFIERS = ("svm", "head", "fc_width_svm")
+# Feature layer of each classifier when the study file gives no ``layer``.
+DEFAULT_LAYERS = {"svm": "relu7", "head": "pool5", "fc_width_svm": "relu7"}
+PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
 SAMPLERS = ("tpe", "random", "grid")
 PARAM_TYPES = ("float", "int", "categorical")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -45,6 +55,11 @@ class ParamSpec:
     log: bool = False
     step: float | None = None
     choices: tuple = ()
+    when: tuple[tuple[str, object], ...] = ()
+
+    def applies(self, drawn: dict) -> bool:
+        """Tell whether this parameter is searched, given the values drawn before it."""
+        return all(drawn.get(key) == value for key, value in self.when)
 
     def suggest(self, trial: optuna.Trial):
         if self.type == "float":
@@ -62,7 +77,7 @@ class StudyConfig:
     path: Path
     description: str
     classifier: str
-    layer: str
+    layer: str | None
     params: tuple[ParamSpec, ...]
     fixed: dict = field(default_factory=dict)
     sampler: dict = field(default_factory=dict)
@@ -70,8 +85,23 @@ class StudyConfig:
     direction: str = "maximize"
 
     def suggest(self, trial: optuna.Trial) -> dict:
-        """Draw every searched parameter for ``trial`` and add the fixed ones."""
-        return {**self.fixed, **{spec.name: spec.suggest(trial) for spec in self.params}}
+        """Draw the searched parameters that apply to ``trial`` and add the fixed ones and ``classifier``."""
+        params: dict = {"classifier": self.classifier, **self.fixed}
+        for spec in self.params:
+            if spec.applies(params):
+                params[spec.name] = spec.suggest(trial)
+        return params
+
+    def layer_for(self, classifier: str) -> str:
+        """Return the feature layer a classifier trains on: the file's ``layer``, else its default."""
+        return self.layer or DEFAULT_LAYERS[classifier]
+
+    def classifiers(self) -> tuple[str, ...]:
+        """Return every classifier that trials of this study may use."""
+        for spec in self.params:
+            if spec.name == "classifier":
+                return tuple(spec.choices)
+        return (self.classifier,)
 
 
 def study_path(name: str, sweeps_dir: Path = SWEEPS_DIR) -> Path:
@@ -110,7 +140,7 @@ def _parse_param(name: str, raw, where: str) -> ParamSpec:
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             raise StudyConfigError(f"{where}.{name}.choices must be a non-empty list, got {choices!r}.")
-        return ParamSpec(name, kind, choices=tuple(choices))
+        return ParamSpec(name, kind, choices=tuple(choices), when=_parse_when(raw, f"{where}.{name}"))
 
     low = _number(raw.get("low"), f"{where}.{name}.low")
     high = _number(raw.get("high"), f"{where}.{name}.high")
@@ -122,7 +152,14 @@ def _parse_param(name: str, raw, where: str) -> ParamSpec:
         raise StudyConfigError(f"{where}.{name}: low = {low} must be positive on a log scale.")
     if step is not None:
         step = _number(step, f"{where}.{name}.step")
-    return ParamSpec(name, kind, low, high, log_scale, step)
+    return ParamSpec(name, kind, low, high, log_scale, step, when=_parse_when(raw, f"{where}.{name}"))
+
+
+def _parse_when(raw: dict, where: str) -> tuple[tuple[str, object], ...]:
+    when = raw.get("when") or {}
+    if not isinstance(when, dict):
+        raise StudyConfigError(f"{where}.when must map an earlier parameter to a value, got {when!r}.")
+    return tuple(sorted(when.items()))
 
 
 def load_study(name: str, sweeps_dir: Path = SWEEPS_DIR) -> StudyConfig:
@@ -142,9 +179,14 @@ def load_study(name: str, sweeps_dir: Path = SWEEPS_DIR) -> StudyConfig:
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise StudyConfigError(f"Study file {path}: unknown keys {unknown}; allowed keys are {sorted(_TOP_KEYS)}.")
-    classifier = raw.get("classifier")
-    if classifier not in CLASSIFIERS:
-        raise StudyConfigError(f"{path}: classifier = {classifier!r} is invalid; use one of {', '.join(CLASSIFIERS)}.")
+    params_raw = raw.get("params") or {}
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise StudyConfigError(f"{path}: 'params' must map at least one parameter name to its search range.")
+    params = tuple(_parse_param(key, value, f"{path.name}: params") for key, value in params_raw.items())
+    classifier = _parse_classifier(raw.get("classifier"), params, path)
+    pruner = dict(raw.get("pruner") or {"type": "none"})
+    if pruner.get("type") not in PRUNERS:
+        raise StudyConfigError(f"{path}: pruner.type = {pruner.get('type')!r} is invalid; use one of {', '.join(PRUNERS)}.")
     sampler = raw.get("sampler") or {"type": "tpe"}
     if sampler.get("type") not in SAMPLERS:
         raise StudyConfigError(f"{path}: sampler.type = {sampler.get('type')!r} is invalid; use one of {', '.join(SAMPLERS)}.")
@@ -152,23 +194,51 @@ def load_study(name: str, sweeps_dir: Path = SWEEPS_DIR) -> StudyConfig:
     if direction not in ("maximize", "minimize"):
         raise StudyConfigError(f"{path}: direction = {direction!r} is invalid; use maximize or minimize.")
 
-    params_raw = raw.get("params") or {}
-    if not isinstance(params_raw, dict) or not params_raw:
-        raise StudyConfigError(f"{path}: 'params' must map at least one parameter name to its search range.")
-    params = tuple(_parse_param(key, value, f"{path.name}: params") for key, value in params_raw.items())
-
     return StudyConfig(
         name=path.stem,
         path=path,
         description=str(raw.get("description", "")),
         classifier=classifier,
-        layer=str(raw.get("layer", "relu7")),
+        layer=str(raw["layer"]) if raw.get("layer") else None,
         params=params,
         fixed=dict(raw.get("fixed") or {}),
         sampler=dict(sampler),
-        pruner=dict(raw.get("pruner") or {}),
+        pruner=pruner,
         direction=direction,
     )
+
+
+def _parse_classifier(top_level, params: tuple[ParamSpec, ...], path: Path) -> str:
+    """Validate the classifier; with a searched ``params.classifier`` the top-level one is its first choice."""
+    searched = next((spec for spec in params if spec.name == "classifier"), None)
+    if searched is not None:
+        bad = [c for c in searched.choices if c not in CLASSIFIERS]
+        if searched.type != "categorical" or bad:
+            raise StudyConfigError(
+                f"{path}: params.classifier must be categorical with choices among {', '.join(CLASSIFIERS)}; invalid: {bad}."
+            )
+        return str(top_level or searched.choices[0])
+    if top_level not in CLASSIFIERS:
+        raise StudyConfigError(f"{path}: classifier = {top_level!r} is invalid; use one of {', '.join(CLASSIFIERS)}.")
+    return top_level
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    """Build the Optuna pruner the study file asks for; ``none`` never prunes."""
+    options = {k: v for k, v in config.pruner.items() if k != "type"}
+    kind = config.pruner.get("type", "none")
+    try:
+        if kind == "median":
+            return optuna.pruners.MedianPruner(**options)
+        if kind == "percentile":
+            return optuna.pruners.PercentilePruner(**options)
+        if kind == "hyperband":
+            return optuna.pruners.HyperbandPruner(**options)
+        if kind == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**options)
+    except TypeError as error:
+        raise StudyConfigError(f"{config.path}: pruner options {options} are invalid for {kind}: {error}") from error
+    return optuna.pruners.NopPruner()
 
 
 def make_sampler(config: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:

@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import optuna
 from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 
@@ -19,12 +17,15 @@ from research import tracking
 from research.audit import Audit, audit_dataset, audit_markdown
 from research.backbone import Weights, create_backbone, data_config, resolve_weights, select_device
 from research.cache import CacheEntry, load_or_build
-from research.classifiers import fit_linear_svm
 from research.data import Dataset, load_dataset
-from research.features import extract_features, feature_layers, resolve_layer, resolve_precision, split_arrays
-from research.objectives import make_objective
+from research.fc_width import set_fc_width
+from research.features import FeatureError, extract_features, feature_layers, resolve_layer, resolve_precision, split_arrays
+from research.objectives import TrainSettings, classifier_params, make_objective
 from research.optimize import run_study
+from research.pooling import ActivationStats, swap_pooling
+from research.seeds import run_seed_repeats
 from research.studies import StudyConfig, load_study
+from research.variants import FeatureProvider, Features, Variant
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class SweepConfig:
     """Every input of a sweep, as given on the command line or by MLproject."""
 
     data_dir: str
-    study: str = "svm"
+    study: str = "full"
     n_trials: int = 20
     backbone: str = "vgg16"
     weights: str = "imagenet"
@@ -42,6 +43,7 @@ class SweepConfig:
     limit_per_class: int = 0
     storage: str = "sqlite:///optuna.db"
     seed: int = 0
+    seeds: int = 3
     experiment: str = "15-scene"
     study_name: str = ""
     cache_dir: str = "feature-cache"
@@ -55,6 +57,7 @@ class SweepConfig:
         """Reject out-of-range numbers before any work."""
         checks = {
             "n_trials": self.n_trials >= 1,
+            "seeds": self.seeds >= 1,
             "image_size": self.image_size >= 32,
             "limit_per_class": self.limit_per_class >= 0,
             "batch_size": self.batch_size >= 1,
@@ -62,21 +65,8 @@ class SweepConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                minimum = {"n_trials": 1, "image_size": 32, "batch_size": 1}.get(name, 0)
+                minimum = {"n_trials": 1, "seeds": 1, "image_size": 32, "batch_size": 1}.get(name, 0)
                 raise ValueError(f"{name}={getattr(self, name)} is invalid; it must be at least {minimum}.")
-
-
-@dataclass
-class Features:
-    """Cached features of the three splits for one layer."""
-
-    layer: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
 
 
 def default_study_name(config: SweepConfig, weights: Weights, audit: Audit) -> str:
@@ -88,33 +78,48 @@ def default_study_name(config: SweepConfig, weights: Weights, audit: Audit) -> s
     return f"{config.study}-{config.backbone}-{weights.kind}-{config.image_size}px{limit}-seed{config.seed}-data{data}"
 
 
-def _extract_cached(config: SweepConfig, dataset: Dataset, audit: Audit, weights: Weights) -> tuple[CacheEntry, str]:
-    """Return the cache entry of every image of the dataset, running the backbone only on a miss."""
+def _extract_cached(
+    config: SweepConfig, dataset: Dataset, audit: Audit, weights: Weights, variant: Variant = Variant()
+) -> tuple[CacheEntry, str]:
+    """Return the cache entry of every image of the dataset for one backbone variant, running the backbone only on a miss."""
     device = select_device(config.device)
     precision = resolve_precision(config.precision, device)
     files = sorted(audit.file_digests)
     fields = {
         "model": config.backbone,
         "weights": weights.digest,
-        "pooling": "max",
+        "pooling": variant.pooling,
         "image_size": config.image_size,
         "precision": precision,
         "files": files,
         "file_digests": [audit.file_digests[f] for f in files],
     }
+    if variant.fc_width is not None:
+        # Added only for this variant, so the keys of entries made before it existed stay valid.
+        fields["fc_width"] = variant.fc_width
 
     def build():
         model = create_backbone(config.backbone, weights)
-        extraction = extract_features(
-            model,
-            [dataset.root / f for f in files],
-            data_config(model, config.image_size),
-            device=device,
-            precision=precision,
-            batch_size=config.batch_size,
-            num_workers=config.num_workers,
-        )
+        swap_pooling(model, variant.pooling)
+        if variant.fc_width is not None:
+            set_fc_width(model, variant.fc_width, keep_pretrained=False)
+        with ActivationStats().attach(model) as stats:
+            try:
+                extraction = extract_features(
+                    model,
+                    [dataset.root / f for f in files],
+                    data_config(model, config.image_size),
+                    device=device,
+                    precision=precision,
+                    batch_size=config.batch_size,
+                    num_workers=config.num_workers,
+                )
+            except FeatureError as error:
+                layer = stats.first_nonfinite()
+                where = f"; the first NaN or infinite value appeared after {layer}" if layer else ""
+                raise FeatureError(f"pooling={variant.pooling}{where}: {error}") from error
         extra = {
+            "activation_stats": stats.metrics(),
             "batch_seconds": extraction.batch_seconds,
             "batch_size": extraction.batch_size,
             "images_per_second": extraction.images_per_second,
@@ -125,33 +130,12 @@ def _extract_cached(config: SweepConfig, dataset: Dataset, audit: Audit, weights
     return load_or_build(Path(config.cache_dir), fields, build), precision
 
 
-def _features(entry: CacheEntry, dataset: Dataset, layer: str) -> Features:
+def _features(entry: CacheEntry, dataset: Dataset, layer: str, variant: Variant = Variant()) -> Features:
     layer = resolve_layer(entry.manifest["layers"], layer)
     parts = {}
     for split in ("train", "val", "test"):
         parts[split] = split_arrays(entry.arrays, entry.rows, dataset.split(split), dataset.root, layer)
-    return Features(layer, *parts["train"], *parts["val"], *parts["test"])
-
-
-def _test_best(client: MlflowClient, parent_id: str, study: optuna.Study, study_config: StudyConfig, features: Features, seed: int) -> dict:
-    """Refit the best configuration on train + validation and evaluate it once on the test set."""
-    best = study.best_trial
-    params = {**study_config.fixed, **best.params}
-    x = np.concatenate([features.x_train, features.x_val])
-    y = np.concatenate([features.y_train, features.y_val])
-    result = fit_linear_svm(
-        x, y, C=params["svm_C"], normalize=params.get("normalize", "standard"), seed=seed,
-        max_iter=int(params.get("max_iter", 5000)),
-    )
-    metrics = {
-        "best_val_accuracy": best.value,
-        "test_accuracy": result.accuracy(features.x_test, features.y_test),
-        "refit_train_accuracy": result.accuracy(x, y),
-    }
-    tracking.log_metrics(client, parent_id, metrics)
-    tracking.log_params(client, parent_id, {f"best_{k}": v for k, v in params.items()} | {"best_trial_number": best.number})
-    log.info("Best trial %d: %s, validation accuracy %.4f, test accuracy %.4f.", best.number, params, best.value, metrics["test_accuracy"])
-    return metrics
+    return Features(layer, *parts["train"], *parts["val"], *parts["test"], cache_key=entry.key, variant=variant)
 
 
 def _log_extraction(client: MlflowClient, run_id: str, entry: CacheEntry, precision: str) -> None:
@@ -181,7 +165,7 @@ def run_sweep(config: SweepConfig) -> dict:
         shared = {"backbone": config.backbone, "weights": weights.label, "image_size": config.image_size, "seed": config.seed}
         tracking.log_new_params(client, parent_id, {
             **shared, "study": config.study, "study_name": study_name, "data_dir": str(dataset.root),
-            "n_trials": config.n_trials, "limit_per_class": config.limit_per_class, "val_fraction": config.val_fraction,
+            "n_trials": config.n_trials, "seeds": config.seeds, "limit_per_class": config.limit_per_class, "val_fraction": config.val_fraction,
             "storage": tracking.redact_url(config.storage), "classifier": study_config.classifier,
             "weights_request": config.weights,
         })
@@ -204,11 +188,22 @@ def run_sweep(config: SweepConfig) -> dict:
 
         entry, precision = _extract_cached(config, dataset, audit, weights)
         _log_extraction(client, parent_id, entry, precision)
-        features = _features(entry, dataset, study_config.layer)
-
-        objective = make_objective(client, parent_id, experiment_id, study_config, features, {**shared, "precision": precision}, config.seed)
+        provider = FeatureProvider(
+            lambda variant: _extract_cached(config, dataset, audit, weights, variant)[0],
+            lambda cached, layer, variant: _features(cached, dataset, layer, variant),
+            client,
+            parent_id,
+        )
+        provider.add(Variant(), entry)
+        device = select_device(config.device)
+        settings = TrainSettings(device, precision == "bf16", config.seed)
+        objective = make_objective(client, parent_id, experiment_id, study_config, provider, {**shared, "precision": precision}, settings)
         study = run_study(config, study_config, study_name, objective)
-        metrics = _test_best(client, parent_id, study, study_config, features, config.seed)
+        best_params = classifier_params({"classifier": study_config.classifier, **study_config.fixed, **study.best_trial.params})
+        metrics = run_seed_repeats(
+            client, parent_id, study, best_params, provider,
+            study_config.layer_for(best_params["classifier"]), settings, config.seeds,
+        )
         tracking.log_metrics(client, parent_id, {"sweep_seconds": time.perf_counter() - start})
 
     return {"parent_run_id": parent_id, "study_name": study_name, "cache_hit": entry.hit, **metrics}

@@ -73,6 +73,16 @@ def log_series(client: MlflowClient, run_id: str, key: str, values: list[float],
         client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
 
+def log_curves(client: MlflowClient, run_id: str, series: dict[str, list[float]], first_step: int = 0) -> None:
+    """Log several metric series (step = index + ``first_step``) together, 1000 values per call."""
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, first_step + i) for key, values in series.items() for i, value in enumerate(values)
+    ]
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+
+
 def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
     client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
