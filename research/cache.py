@@ -43,6 +43,26 @@ class CacheEntry:
         return {rel: i for i, rel in enumerate(self.manifest["files"])}
 
 
+class OutputDirError(ValueError):
+    """A folder the run must write to cannot be created or written; the message names the fix."""
+
+
+def ensure_writable(path: Path, option: str) -> None:
+    """Create folder ``path`` if needed and check that a file can be written in it.
+
+    Raises:
+        OutputDirError: The folder cannot be created (a file is in the way, say) or written.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise OutputDirError(
+            f"{option}={path} cannot be written ({error.strerror or error}). Pass {option} with a folder you can write to."
+        ) from error
+
+
 def cache_key(fields: dict) -> str:
     """Hash the fields that change the features (model, weights, pooling, size, precision, files)."""
     text = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, separators=(",", ":"))
@@ -100,7 +120,7 @@ def load_or_build(
     """
     key = cache_key(fields)
     path = Path(cache_dir) / key
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable(path.parent, "cache_dir")
 
     with FileLock(str(path) + ".lock"):
         loaded = _load(path)
