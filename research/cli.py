@@ -17,11 +17,12 @@ from research.data import DatasetError, load_dataset
 from research.features import FeatureError
 from research.studies import StudyConfigError
 from research.sweep import SweepConfig, run_extract, run_sweep
+from research.workers import WorkerError
 
 log = logging.getLogger("research")
 
 # Errors whose message already names the value at fault and the fix: shown without a traceback.
-USER_ERRORS = (DatasetError, WeightsError, StudyConfigError, FeatureError, ValueError, FileNotFoundError, PermissionError)
+USER_ERRORS = (DatasetError, WeightsError, StudyConfigError, FeatureError, WorkerError, ValueError, ConnectionError, FileNotFoundError, PermissionError)
 
 
 def _whole_number(text: str) -> int:
@@ -110,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--study", default=SweepConfig.study, help="Study file name in sweeps/, without .yaml (default: %(default)s).")
     sweep.add_argument("--seeds", type=_whole_number, default=SweepConfig.seeds, help="Seeds the best configuration is refit and tested with (default: %(default)s).")
     sweep.add_argument("--n-trials", type=_whole_number, default=20, help="Finished trials the study must reach; a re-run resumes (default: %(default)s).")
-    sweep.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna storage URL (default: %(default)s).")
+    sweep.add_argument(
+        "--storage", default="sqlite:///optuna.db",
+        help="Optuna storage: sqlite:///PATH, postgresql://USER:PASSWORD@HOST:PORT/DB, or a journal file PATH (default: %(default)s).",
+    )
+    sweep.add_argument("--workers", type=_whole_number, default=1, help="Worker processes sharing the study on this machine (default: %(default)s).")
+    sweep.add_argument(
+        "--heartbeat-seconds", type=_whole_number, default=60,
+        help="Trial heartbeat interval on SQL storages; a trial silent for twice this is failed and retried (default: %(default)s).",
+    )
     sweep.add_argument("--study-name", default="", help="Optuna study name (default: derived from study, backbone, weights, size, seed and data).")
     sweep.set_defaults(handler=_cmd_sweep)
 

@@ -16,16 +16,18 @@ from rich.progress import Progress
 from research import tracking
 from research.audit import Audit, audit_dataset, audit_markdown
 from research.backbone import Weights, create_backbone, data_config, resolve_weights, select_device
-from research.cache import CacheEntry, load_or_build
+from research.cache import CacheEntry, ensure_writable, load_or_build
 from research.data import Dataset, load_dataset
 from research.fc_width import set_fc_width
 from research.features import FeatureError, extract_features, feature_layers, resolve_layer, resolve_precision, split_arrays
 from research.objectives import TrainSettings, classifier_params, make_objective
-from research.optimize import run_study
+from research.optimize import prepare_study, run_study
+from research.resume import sweep_parent_run
 from research.pooling import ActivationStats, swap_pooling
 from research.seeds import run_seed_repeats
 from research.studies import StudyConfig, load_study
 from research.variants import FeatureProvider, Features, Variant
+from research.workers import initialise_stores, run_worker_processes
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class SweepConfig:
     num_workers: int = 1
     val_fraction: float = 0.2
     device: str = "auto"
+    workers: int = 1
+    heartbeat_seconds: int = 60
+    # Set only in the worker processes of `--workers N`: the parent run they log into.
+    parent_run_id: str = ""
 
     def validate(self) -> None:
         """Reject out-of-range numbers before any work."""
@@ -62,10 +68,12 @@ class SweepConfig:
             "limit_per_class": self.limit_per_class >= 0,
             "batch_size": self.batch_size >= 1,
             "num_workers": self.num_workers >= 0,
+            "workers": self.workers >= 1,
+            "heartbeat_seconds": self.heartbeat_seconds >= 1,
         }
         for name, ok in checks.items():
             if not ok:
-                minimum = {"n_trials": 1, "seeds": 1, "image_size": 32, "batch_size": 1}.get(name, 0)
+                minimum = {"n_trials": 1, "seeds": 1, "image_size": 32, "batch_size": 1, "workers": 1, "heartbeat_seconds": 1}.get(name, 0)
                 raise ValueError(f"{name}={getattr(self, name)} is invalid; it must be at least {minimum}.")
 
 
@@ -152,6 +160,8 @@ def run_sweep(config: SweepConfig) -> dict:
     config.validate()
     study_config = load_study(config.study)
     weights = resolve_weights(config.backbone, config.weights)
+    ensure_writable(Path(config.cache_dir), "cache_dir")
+    initialise_stores(config)
     dataset = load_dataset(config.data_dir, seed=config.seed, val_fraction=config.val_fraction, limit_per_class=config.limit_per_class)
     client = MlflowClient()
 
@@ -159,8 +169,10 @@ def run_sweep(config: SweepConfig) -> dict:
         task = progress.add_task("audit", total=len(dataset.train) + len(dataset.val) + len(dataset.test))
         audit = audit_dataset(dataset, progress=lambda n: progress.advance(task, n))
     study_name = config.study_name or default_study_name(config, weights, audit)
+    prepare_study(config, study_config, study_name)
 
-    with tracking.parent_run(client, config.experiment, f"sweep {config.study} {config.backbone}") as parent_id:
+    parent_name = f"sweep {config.study} {config.backbone}"
+    with sweep_parent_run(client, config.experiment, parent_name, study_name, worker_of=config.parent_run_id) as parent_id:
         experiment_id = client.get_run(parent_id).info.experiment_id
         shared = {"backbone": config.backbone, "weights": weights.label, "image_size": config.image_size, "seed": config.seed}
         tracking.log_new_params(client, parent_id, {
@@ -198,7 +210,12 @@ def run_sweep(config: SweepConfig) -> dict:
         device = select_device(config.device)
         settings = TrainSettings(device, precision == "bf16", config.seed)
         objective = make_objective(client, parent_id, experiment_id, study_config, provider, {**shared, "precision": precision}, settings)
-        study = run_study(config, study_config, study_name, objective)
+        if config.workers > 1:
+            run_worker_processes(config, study_name, parent_id)
+        study = run_study(config, study_config, study_name, objective, show_progress=not config.parent_run_id)
+        if config.parent_run_id:
+            # A worker of `--workers N`: the process that started it runs the test pass.
+            return {"parent_run_id": parent_id, "study_name": study_name, "cache_hit": entry.hit}
         best_params = classifier_params({"classifier": study_config.classifier, **study_config.fixed, **study.best_trial.params})
         metrics = run_seed_repeats(
             client, parent_id, study, best_params, provider,
