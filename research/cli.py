@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from research import ui
 from research.audit import SPLITS, audit_dataset, audit_markdown
 from research.backbone import WeightsError
 from research.data import DatasetError, load_dataset
@@ -22,7 +23,7 @@ from research.workers import WorkerError
 log = logging.getLogger("research")
 
 # Errors whose message already names the value at fault and the fix: shown without a traceback.
-USER_ERRORS = (DatasetError, WeightsError, StudyConfigError, FeatureError, WorkerError, ValueError, ConnectionError, FileNotFoundError, PermissionError)
+USER_ERRORS = (DatasetError, WeightsError, StudyConfigError, FeatureError, ui.UiError, WorkerError, ValueError, ConnectionError, FileNotFoundError, PermissionError)
 
 
 def _whole_number(text: str) -> int:
@@ -101,6 +102,33 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    console = Console()
+
+    tracking_uri = args.tracking_uri or ui.default_tracking_uri()
+
+    def show_urls(servers: list[ui.Server]) -> None:
+        for server in servers:
+            console.print(f"{server.name}: {server.url}", markup=False, highlight=False)
+            if server.name == "MLflow":
+                for name, url in ui.experiment_urls(tracking_uri, server.url).items():
+                    console.print(f"  runs of experiment '{name}': {url}", markup=False, highlight=False)
+        console.print("Press Ctrl-C to stop both servers.", markup=False, highlight=False)
+
+    return ui.serve(tracking_uri, args.storage, args.host, args.mlflow_port, args.optuna_port, on_ready=show_urls)
+
+
+def _add_ui_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri", default="",
+        help="MLflow tracking store (default: MLFLOW_TRACKING_URI, else MLflow's default, sqlite:///mlflow.db in the working directory).",
+    )
+    parser.add_argument("--storage", default=SweepConfig.storage, help="Optuna storage URL or journal file (default: %(default)s).")
+    parser.add_argument("--host", default=ui.DEFAULT_HOST, help="Address both servers listen on (default: %(default)s).")
+    parser.add_argument("--mlflow-port", type=_whole_number, default=ui.DEFAULT_MLFLOW_PORT, help="TCP port of the MLflow UI (default: %(default)s).")
+    parser.add_argument("--optuna-port", type=_whole_number, default=ui.DEFAULT_OPTUNA_PORT, help="TCP port of optuna-dashboard (default: %(default)s).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="research", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
@@ -133,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit-per-class", type=_whole_number, default=0, help="At most this many images per class and split; 0 keeps all (default: 0).")
     audit.add_argument("--markdown", action="store_true", help="Print the audit as markdown.")
     audit.set_defaults(handler=_cmd_audit)
+
+    ui_parser = commands.add_parser("ui", help="Serve the MLflow UI and optuna-dashboard on 127.0.0.1 until Ctrl-C or SIGTERM.")
+    _add_ui_options(ui_parser)
+    ui_parser.set_defaults(handler=_cmd_ui)
     return parser
 
 
