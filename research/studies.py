@@ -33,7 +33,7 @@ SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 CLASSIFIERS = ("svm", "head", "fc_width_svm")
 # Feature layer of each classifier when the study file gives no ``layer``.
 DEFAULT_LAYERS = {"svm": "relu7", "head": "pool5", "fc_width_svm": "relu7"}
-PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving")
+PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "threshold")
 SAMPLERS = ("tpe", "random", "grid")
 PARAM_TYPES = ("float", "int", "categorical")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -236,6 +236,8 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
             return optuna.pruners.HyperbandPruner(**options)
         if kind == "successive_halving":
             return optuna.pruners.SuccessiveHalvingPruner(**options)
+        if kind == "threshold":
+            return optuna.pruners.ThresholdPruner(**options)
     except TypeError as error:
         raise StudyConfigError(f"{config.path}: pruner options {options} are invalid for {kind}: {error}") from error
     return optuna.pruners.NopPruner()
