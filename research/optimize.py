@@ -44,6 +44,8 @@ MAX_RETRY = 3
 # Same user attribute as research.objectives stores on each trial.
 MLFLOW_RUN_ID_ATTR = "mlflow_run_id"
 CONNECT_TIMEOUT_SECONDS = 10
+# Every objective returns the validation accuracy (at the best epoch for the MLP head).
+OBJECTIVE_METRIC = "val_accuracy"
 
 
 class StorageError(ValueError):
@@ -179,6 +181,8 @@ def prepare_study(config, study_config: StudyConfig, study_name: str) -> optuna.
         direction=study_config.direction,
         load_if_exists=True,
     )
+    # optuna-dashboard shows this name in place of "Objective 0"; it matches the MLflow metric.
+    study.set_metric_names([OBJECTIVE_METRIC])
     optuna.storages.fail_stale_trials(study)
     client = MlflowClient()
     ended = sum(end_dead_run(client, trial) for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
