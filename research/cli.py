@@ -14,6 +14,7 @@ from rich.table import Table
 from research import ui
 from research.audit import SPLITS, audit_dataset, audit_markdown
 from research.backbone import WeightsError
+from research.bench_cli import add_bench_command
 from research.data import DatasetError, load_dataset
 from research.features import FeatureError
 from research.studies import StudyConfigError
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui_parser = commands.add_parser("ui", help="Serve the MLflow UI and optuna-dashboard on 127.0.0.1 until Ctrl-C or SIGTERM.")
     _add_ui_options(ui_parser)
     ui_parser.set_defaults(handler=_cmd_ui)
+
+    add_bench_command(commands)
     return parser
 
 
