@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(sweep)
     sweep.add_argument("--study", default=SweepConfig.study, help="Study file name in sweeps/, without .yaml (default: %(default)s).")
     sweep.add_argument("--seeds", type=_whole_number, default=SweepConfig.seeds, help="Seeds the best configuration is refit and tested with (default: %(default)s).")
+    sweep.add_argument("--max-epochs", type=_whole_number, default=0, help="Maximum epochs of the MLP head, overriding the study file; 0 keeps the file's value (default: 0).")
     sweep.add_argument("--n-trials", type=_whole_number, default=20, help="Finished trials the study must reach; a re-run resumes (default: %(default)s).")
     sweep.add_argument(
         "--storage", default="sqlite:///optuna.db",

@@ -5,6 +5,7 @@ Started by ``mlflow run . -e sweep --env-manager local -P data_dir=...`` or ``re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ class SweepConfig:
     storage: str = "sqlite:///optuna.db"
     seed: int = 0
     seeds: int = 3
+    # Overrides the study file's fixed ``max_epochs`` of the head when positive; 0 keeps the file's.
+    max_epochs: int = 0
     experiment: str = "15-scene"
     study_name: str = ""
     cache_dir: str = "feature-cache"
@@ -159,6 +162,8 @@ def run_sweep(config: SweepConfig) -> dict:
     start = time.perf_counter()
     config.validate()
     study_config = load_study(config.study)
+    if config.max_epochs > 0:
+        study_config = dataclasses.replace(study_config, fixed={**study_config.fixed, "max_epochs": config.max_epochs})
     weights = resolve_weights(config.backbone, config.weights)
     ensure_writable(Path(config.cache_dir), "cache_dir")
     initialise_stores(config)
@@ -177,7 +182,7 @@ def run_sweep(config: SweepConfig) -> dict:
         shared = {"backbone": config.backbone, "weights": weights.label, "image_size": config.image_size, "seed": config.seed}
         tracking.log_new_params(client, parent_id, {
             **shared, "study": config.study, "study_name": study_name, "data_dir": str(dataset.root),
-            "n_trials": config.n_trials, "seeds": config.seeds, "limit_per_class": config.limit_per_class, "val_fraction": config.val_fraction,
+            "n_trials": config.n_trials, "seeds": config.seeds, "max_epochs": config.max_epochs, "limit_per_class": config.limit_per_class, "val_fraction": config.val_fraction,
             "storage": tracking.redact_url(config.storage), "classifier": study_config.classifier,
             "weights_request": config.weights,
         })
