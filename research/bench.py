@@ -23,7 +23,7 @@ import psutil
 import torch
 from torch import nn
 
-from research.backbone import create_backbone, data_config, resolve_weights
+from research.backbone import create_backbone, data_config, is_vgg, resolve_weights
 from research.data import open_rgb
 from research.decoding import full_transform, make_decoder
 from research.features import _forward, extract_features
@@ -144,7 +144,7 @@ def backbone_only_seconds(model: nn.Module, batch: torch.Tensor, mode: str, step
     """
     from contextlib import nullcontext
 
-    vgg = hasattr(model, "pre_logits")
+    vgg = is_vgg(model)
     forward = torch.compile(lambda x: _forward(model, x, vgg)) if compiled else (lambda x: _forward(model, x, vgg))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "autocast" else nullcontext()
     with torch.inference_mode(), autocast:
@@ -234,7 +234,7 @@ def forward_gflop(model: nn.Module, image_size: int) -> float:
     try:
         with torch.inference_mode():
             x = torch.zeros(1, 3, image_size, image_size, dtype=next(model.parameters()).dtype)
-            _forward(model, x, hasattr(model, "pre_logits"))
+            _forward(model, x, is_vgg(model))
     finally:
         for handle in handles:
             handle.remove()
