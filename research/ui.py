@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from research.optimize import journal_path, sqlite_path
 from research.tracking import redact_url
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,35 @@ def mlflow_server(tracking_uri: str, host: str, port: int) -> Server:
 
 
 def optuna_dashboard(storage: str, host: str, port: int) -> Server:
-    """Describe ``optuna-dashboard`` on the Optuna ``storage`` URL or journal file."""
-    command = [console_script("optuna-dashboard"), storage, "--host", host, "--port", str(port), "--quiet"]
+    """Describe ``optuna-dashboard`` on the Optuna ``storage`` URL or journal file.
+
+    optuna-dashboard reads a journal file from its plain path, so ``journal://PATH`` becomes ``PATH``.
+    """
+    journal = journal_path(storage)
+    target = str(journal) if journal is not None else storage
+    command = [console_script("optuna-dashboard"), target, "--host", host, "--port", str(port), "--quiet"]
     return Server("optuna-dashboard", command, f"http://{_url_host(host)}:{port}/dashboard/", "/api/meta")
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def check_storage_exists(storage: str) -> None:
+    """Reject an Optuna SQLite or journal file that does not exist yet.
+
+    optuna-dashboard 0.21 opens an SQLite storage without creating its tables, so it fails on a new
+    file; a missing file usually means the command runs in another folder than the sweep did.
+
+    Raises:
+        UiError: The storage's file does not exist.
+    """
+    path = sqlite_path(storage) or journal_path(storage)
+    if path is not None and not path.is_file():
+        raise UiError(
+            f"Optuna storage file {path.resolve()} not found. Run a sweep first (research sweep or mlflow run), "
+            "start research ui in the folder the sweep ran in, or pass the sweep's storage with --storage."
+        )
 
 
 def check_port_free(host: str, port: int, option: str) -> None:
@@ -271,6 +294,7 @@ def serve(
     Raises:
         UiError: A port is in use, a program is missing, or a server did not start.
     """
+    check_storage_exists(storage)
     check_port_free(host, mlflow_port, "--mlflow-port")
     check_port_free(host, optuna_port, "--optuna-port")
     servers = [mlflow_server(tracking_uri, host, mlflow_port), optuna_dashboard(storage, host, optuna_port)]
