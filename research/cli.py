@@ -17,6 +17,7 @@ from research.backbone import WeightsError
 from research.bench_cli import add_bench_command
 from research.data import DatasetError, load_dataset
 from research.features import FeatureError
+from research.report_cli import add_report_commands
 from research.studies import StudyConfigError
 from research.sweep import SweepConfig, run_extract, run_sweep
 from research.workers import WorkerError
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui_parser.set_defaults(handler=_cmd_ui)
 
     add_bench_command(commands)
+    add_report_commands(commands)
     return parser
 
 

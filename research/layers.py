@@ -170,3 +170,13 @@ def layers_markdown(table: dict) -> str:
     totals = table["totals"]
     lines += ["", f"Total: {totals['weights']:,} weights + {totals['biases']:,} biases = {totals['parameters']:,} parameters."]
     return "\n".join(lines) + "\n"
+
+
+def log_layer_table(client, run_id: str, model_name: str, image_size: int) -> dict:
+    """Log the layer table of a timm model on a run as ``model/layers.json`` and ``model/layers.md``."""
+    from research import tracking
+
+    table = describe_model(model_name, image_size)
+    tracking.log_json(client, run_id, table, "model/layers.json")
+    tracking.log_text(client, run_id, layers_markdown(table), "model/layers.md")
+    return table

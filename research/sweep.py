@@ -20,6 +20,7 @@ from research.backbone import Weights, create_backbone, data_config, resolve_wei
 from research.cache import CacheEntry, ensure_writable, load_or_build
 from research.data import Dataset, load_dataset
 from research.fc_width import set_fc_width
+from research.layers import log_layer_table
 from research.features import FeatureError, extract_features, feature_layers, resolve_layer, resolve_precision, split_arrays
 from research.objectives import TrainSettings, classifier_params, make_objective
 from research.optimize import prepare_study, run_study
@@ -201,6 +202,7 @@ def run_sweep(config: SweepConfig) -> dict:
         })
         environment = tracking.environment_info()
         tracking.log_json(client, parent_id, environment, "environment.json")
+        log_layer_table(client, parent_id, config.backbone, config.image_size)
         tracking.set_tags(client, parent_id, {"git_commit": environment["git_commit"], "cpu_model": environment["cpu_model"]})
 
         entry, precision = _extract_cached(config, dataset, audit, weights)
