@@ -42,7 +42,7 @@ STOP_TIMEOUT_SECONDS = 10.0
 
 
 class UiError(RuntimeError):
-    """A server could not start: port in use, program missing, or early exit; the message says which."""
+    """A server could not start because of a port in use, a missing program or an early exit, named in the message."""
 
 
 @dataclass
@@ -99,14 +99,14 @@ def console_script(name: str) -> str:
 
 def mlflow_server(tracking_uri: str, host: str, port: int) -> Server:
     """Describe ``mlflow server`` on ``tracking_uri``, with one worker process."""
-    # NOTE: one worker is plenty for one person's browser, and mlflow's default of 4 fills small machines.
+    # One worker serves one person's browser; mlflow's default is 4, each of about 250 MB resident.
     command = [
         console_script("mlflow"), "server",
         "--backend-store-uri", tracking_uri,
         "--host", host, "--port", str(port), "--workers", "1",
     ]
-    # MLflow 3 starts six job-runner processes for GenAI features by default; browsing runs needs
-    # none of them. An explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION in the environment still wins.
+    # MLflow 3.17 starts six job-runner processes for GenAI features by default, and browsing runs
+    # needs none of them. An explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION in the environment still wins.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     return Server("MLflow", command, f"http://{_url_host(host)}:{port}/", "/health", env)
 
@@ -130,7 +130,7 @@ def check_storage_exists(storage: str) -> None:
     """Reject an Optuna SQLite or journal file that does not exist yet.
 
     optuna-dashboard 0.21 opens an SQLite storage without creating its tables, so it fails on a new
-    file; a missing file usually means the command runs in another folder than the sweep did.
+    file. A missing file usually means that the command runs in another folder than the sweep did.
 
     Raises:
         UiError: The storage's file does not exist.
@@ -172,10 +172,10 @@ def start(server: Server, log_dir: Path) -> None:
 
 
 def wait_ready(server: Server, timeout: float = START_TIMEOUT_SECONDS, cancel: threading.Event | None = None) -> None:
-    """Poll the server's health URL until it answers HTTP 200, or until ``cancel`` is set.
+    """Poll the server's health URL until it responds with HTTP 200, or until ``cancel`` is set.
 
     Raises:
-        UiError: The process exited, or no answer came within ``timeout`` seconds.
+        UiError: The process exited, or no response came within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not (cancel is not None and cancel.is_set()):
@@ -190,7 +190,7 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_SECONDS, cancel: t
         time.sleep(0.3)
     if cancel is not None and cancel.is_set():
         return
-    raise UiError(f"{server.name} did not answer {server.health_url} within {timeout:.0f} s: {_log_tail(server)}")
+    raise UiError(f"{server.name} did not respond at {server.health_url} within {timeout:.0f} s: {_log_tail(server)}")
 
 
 def _log_tail(server: Server, lines: int = 15) -> str:
@@ -229,7 +229,7 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
 
 @contextmanager
 def running(servers: list[Server], log_dir: Path, cancel: threading.Event | None = None) -> Iterator[list[Server]]:
-    """Start every server, wait until each answers, and stop them all on exit, in reverse order.
+    """Start every server, wait until each responds, and stop them all on exit, in reverse order.
 
     A set ``cancel`` event cuts the wait short, so a stop request during startup is not delayed.
     """
@@ -254,7 +254,7 @@ class StopRequest(threading.Event):
 
 @contextmanager
 def stop_signals() -> Iterator[StopRequest]:
-    """Turn SIGINT and SIGTERM into a set event while the block runs; the old handlers come back after."""
+    """Turn SIGINT and SIGTERM into a set event while the block runs, then restore the previous handlers."""
     request = StopRequest()
 
     def handle(signum: int, _frame) -> None:

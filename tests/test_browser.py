@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from tests.conftest import REPO_ROOT, make_tree
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
-# Pages render with React and fetch their data after load; 2 busy cores can take tens of seconds.
+# Pages render with React and fetch their data after load, which takes tens of seconds on 2 busy cores.
 PAGE_TIMEOUT_SECONDS = 90
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -136,15 +137,21 @@ def _page_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def _wait_for_texts(driver, texts: list[str], screenshot: str) -> str:
-    """Wait until the page shows every text, save a screenshot either way, and return the page text."""
+def _wait_for_texts(driver, texts: list[str], screenshot: str, height: int = 1000) -> str:
+    """Wait until the page shows every text, save a screenshot either way, and return the page text.
+
+    MLflow scrolls inside its own panel, so a window ``height`` pixels tall is what gets captured.
+    """
     try:
         WebDriverWait(driver, PAGE_TIMEOUT_SECONDS, poll_frequency=0.5).until(
             lambda d: all(text in _page_text(d) for text in texts)
         )
     except TimeoutException:
         pass
+    driver.set_window_size(1600, height)
+    time.sleep(1)  # The layout follows the new size after a repaint.
     driver.save_screenshot(str(ARTIFACTS / screenshot))
+    driver.set_window_size(1600, 1000)
     return _page_text(driver)
 
 
@@ -190,7 +197,7 @@ def test_mlflow_compare_two_trials(session: Session) -> None:
         "experiments": json.dumps([first.info.experiment_id]),
     })
     driver.get(f"{session.mlflow_url}#/compare-runs?{query}")
-    text = _wait_for_texts(driver, ["Comparing 2 Runs", "val_accuracy", first.info.run_name], "mlflow-compare.png")
+    text = _wait_for_texts(driver, ["Comparing 2 Runs", "val_accuracy", first.info.run_name], "mlflow-compare.png", height=2200)
 
     assert "Comparing 2 Runs" in text
     assert first.info.run_name in text
@@ -208,7 +215,7 @@ def test_mlflow_compare_two_trials(session: Session) -> None:
 def test_optuna_dashboard_study_page(session: Session) -> None:
     driver = session.driver
     driver.get(f"{session.optuna_url}studies/{session.study_id}")
-    text = _wait_for_texts(driver, [session.study_name, "svm_C"], "optuna-study.png")
+    text = _wait_for_texts(driver, [session.study_name, "svm_C"], "optuna-study.png", height=1800)
 
     assert session.study_name in text
     assert "svm_C" in text

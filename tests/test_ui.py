@@ -1,4 +1,4 @@
-"""research.ui and ``research ui``: start both servers, answer on 127.0.0.1, stop every process cleanly."""
+"""research.ui and ``research ui``: start both servers on 127.0.0.1 and stop every process they started."""
 
 from __future__ import annotations
 
