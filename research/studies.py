@@ -29,6 +29,8 @@ from pathlib import Path
 import optuna
 import yaml
 
+from research.pooling import POOLINGS
+
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 CLASSIFIERS = ("svm", "head", "fc_width_svm")
 # Feature layer of each classifier when the study file gives no ``layer``.
@@ -193,6 +195,7 @@ def load_study(name: str, sweeps_dir: Path = SWEEPS_DIR) -> StudyConfig:
     direction = raw.get("direction", "maximize")
     if direction not in ("maximize", "minimize"):
         raise StudyConfigError(f"{path}: direction = {direction!r} is invalid; use maximize or minimize.")
+    _check_pooling(params, raw.get("fixed") or {}, path)
 
     return StudyConfig(
         name=path.stem,
@@ -206,6 +209,16 @@ def load_study(name: str, sweeps_dir: Path = SWEEPS_DIR) -> StudyConfig:
         pruner=pruner,
         direction=direction,
     )
+
+
+def _check_pooling(params: tuple[ParamSpec, ...], fixed: dict, path: Path) -> None:
+    """Reject pooling names that ``research.pooling`` cannot build, before any trial runs."""
+    requested = [choice for spec in params if spec.name == "pooling" for choice in spec.choices]
+    if "pooling" in fixed:
+        requested.append(fixed["pooling"])
+    invalid = [name for name in requested if name not in POOLINGS]
+    if invalid:
+        raise StudyConfigError(f"{path}: pooling {invalid} is invalid; use one of {', '.join(POOLINGS)}.")
 
 
 def _parse_classifier(top_level, params: tuple[ParamSpec, ...], path: Path) -> str:
