@@ -30,7 +30,7 @@ def predict_figure(picture: np.ndarray, top: list[dict], text: Text) -> Figure:
     """Draw a picture titled with its top class, beside the table of its top classes.
 
     Args:
-        picture: RGB or grayscale pixels, as the user's file holds them.
+        picture: RGB or grayscale pixels of the user's file.
         top: Classes in decreasing probability, dicts with ``label`` and ``probability``.
         text: Strings of the figure's language.
     """

@@ -11,7 +11,8 @@ from research import plots
 from research.report import Context, format_params, markdown_table, weights_cell
 from research.report_runs import RunRecord, Sweep
 
-# Params every trial logs with one value per sweep; they are never searched.
+# Trial params that Optuna never searches: settings shared by every trial of a sweep, and the
+# head's ``stable`` result, which is logged as a param.
 SHARED_PARAMS = frozenset({"backbone", "weights", "image_size", "seed", "precision", "layer", "feature_cache_key", "stable"})
 CURVE_METRICS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 ENVIRONMENT_ARTIFACT = "environment.json"
@@ -160,10 +161,13 @@ def _pooling_rows(ctx: Context, sweep: Sweep) -> tuple[list[list[str]], list[Run
             train_accuracy = _train_accuracy(ctx, best)
             training = _mean([value for _, value in ctx.store.history(best.run_id, "train_batch_seconds")])
             stable = best.params.get("stable")
+            stable_text = "-"
+            if stable is not None:
+                stable_text = t("yes") if stable == "True" else t("no")
             rows.append([
                 pooling, classifier, f"{best.trial_number}", t.integer(epoch) if epoch is not None else "-",
                 t.percent(train_accuracy), t.percent(objective_value(best)),
-                "-" if stable is None else t("yes" if stable == "True" else "no"),
+                stable_text,
                 t.number(extraction, 3) if extraction is not None else "-", t.number(training, 4) if training is not None else "-",
                 t.number(images_per_second, 1) if images_per_second is not None else "-", weights_cell(parent, t),
             ])
@@ -236,8 +240,8 @@ def _distributions(trials: list[RunRecord], names: list[str]) -> dict[str, optun
             distributions[name] = optuna.distributions.CategoricalDistribution(values)
             continue
         low, high = min(numbers), max(numbers)
-        # NOTE: the search range is not tracked, so it is taken as the range of the logged values;
-        # a param spanning two decades or more is treated as log-scaled, as svm_C and learning_rate are.
+        # NOTE: the search range is not tracked, so the range of the logged values replaces it.
+        # A param spanning two decades or more is taken as log-scaled, as svm_C and learning_rate are.
         log_scale = low > 0 and high / low >= 100
         distributions[name] = optuna.distributions.FloatDistribution(low, high, log=log_scale)
     return distributions

@@ -85,7 +85,8 @@ def test_featuremaps_vgg16_has_64_maps(tmp_path: Path) -> None:
     assert result.layer == "features.0"
     assert result.maps.shape == (64, 224, 224)
     assert result.picture.shape == (224, 224)
-    assert 0.0 <= result.picture.min() and result.picture.max() <= 1.0
+    assert result.picture.min() >= 0.0
+    assert result.picture.max() <= 1.0
 
 
 def test_first_convolution_missing() -> None:
