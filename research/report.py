@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from research.plots import save_png
-from research.report_runs import RunRecord, RunStore, Sweep
+from research.report_runs import RunRecord, RunStore, Sweep, experiment_names
 from research.report_text import Text
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def _header(ctx: Context) -> list[str]:
 
     backbones = sorted({sweep.parent.params.get("backbone", "?") for sweep in ctx.sweeps})
     lines = [f"# {ctx.text('title', backbone=', '.join(backbones))}", ""]
-    lines.append(ctx.text("intro", experiment=ctx.store.experiment, n_sweeps=len(ctx.sweeps)))
+    experiments = ", ".join(f"`{name}`" for name in experiment_names(ctx.store.experiment))
+    lines.append(ctx.text("intro", experiment=experiments, n_sweeps=len(ctx.sweeps)))
     random_runs = [sweep.parent for sweep in ctx.sweeps if sweep.weights_random]
     random_runs += [run for command in ("predict", "featuremaps") for run in ctx.store.command_runs(command) if run.weights_random]
     if random_runs:
@@ -158,8 +159,8 @@ def write_report(experiment: str, out: str | Path | None = None, lang: str = "en
     """Write the report of an MLflow experiment and return the markdown file's path.
 
     Args:
-        experiment: MLflow experiment name.
-        out: Output folder; ``reports/<experiment>`` by default.
+        experiment: MLflow experiment name, or several separated by commas.
+        out: Output folder; ``reports/<experiment>`` by default (names joined by ``+``).
         lang: ``en`` or ``fr``.
         client: MLflow client; one for the current tracking URI by default.
 
@@ -168,7 +169,7 @@ def write_report(experiment: str, out: str | Path | None = None, lang: str = "en
         ValueError: ``lang`` is not supported.
     """
     text = Text(lang)
-    out_dir = Path(out) if out else Path("reports") / experiment
+    out_dir = Path(out) if out else Path("reports") / "+".join(experiment_names(experiment))
     store = RunStore(client or MlflowClient(), experiment)
     try:
         # Figures of an earlier report in this language may no longer be produced: remove them first.

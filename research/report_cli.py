@@ -54,8 +54,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_report_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``report``, ``predict`` and ``featuremaps`` on the ``research`` command's subparsers."""
     report = commands.add_parser("report", help="Write the markdown report of an MLflow experiment, from its tracked runs alone.")
-    report.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s).")
-    report.add_argument("--out", default="", help="Output folder (default: reports/EXPERIMENT).")
+    report.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name, or several separated by commas (default: %(default)s).")
+    report.add_argument("--out", default="", help="Output folder (default: reports/EXPERIMENT, several names joined by '+').")
     report.add_argument("--lang", choices=(*LANGS, "all"), default="en", help="Report language; 'all' writes each one (default: %(default)s).")
     report.set_defaults(handler=_cmd_report)
 

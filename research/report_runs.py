@@ -100,27 +100,37 @@ def _record(run) -> RunRecord:
     )
 
 
+def experiment_names(experiment: str) -> list[str]:
+    """Split ``a,b`` into experiment names; a report may cover studies tracked in several experiments."""
+    names = [name.strip() for name in experiment.split(",") if name.strip()]
+    if not names:
+        raise ReportError(f"experiment={experiment!r} is invalid: give an MLflow experiment name, or several separated by commas.")
+    return names
+
+
 class RunStore:
-    """The runs of one MLflow experiment, read once, with artifact and metric-history access."""
+    """The runs of one or more MLflow experiments, read once, with artifact and metric-history access."""
 
     def __init__(self, client: MlflowClient, experiment: str) -> None:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
-            raise ReportError(
-                f"MLflow experiment '{experiment}' not found at the current tracking URI. Known experiments: "
-                f"{', '.join(names) or 'none'}. Pass --experiment NAME, or set MLFLOW_TRACKING_URI to the store of the runs."
-            )
         self.client = client
         self.experiment = experiment
-        self.experiment_id = found.experiment_id
+        self.experiment_ids = []
+        for name in experiment_names(experiment):
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
+                raise ReportError(
+                    f"MLflow experiment '{name}' not found at the current tracking URI. Known experiments: "
+                    f"{', '.join(names) or 'none'}. Pass --experiment NAME, or set MLFLOW_TRACKING_URI to the store of the runs."
+                )
+            self.experiment_ids.append(found.experiment_id)
         self.runs = self._search()
         self._downloads = tempfile.TemporaryDirectory(prefix="research-report-")
 
     def _search(self) -> list[RunRecord]:
         runs, token = [], None
         while True:
-            page = self.client.search_runs([self.experiment_id], max_results=PAGE_SIZE, page_token=token)
+            page = self.client.search_runs(self.experiment_ids, max_results=PAGE_SIZE, page_token=token)
             runs.extend(_record(run) for run in page)
             token = page.token
             if not token:

@@ -164,6 +164,20 @@ def test_report_missing_experiment(tracked: dict, monkeypatch: pytest.MonkeyPatc
         write_report("no-such-experiment", tracked["root"] / "none", "en")
 
 
+def test_report_two_experiments(tracked: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked['root'] / 'mlflow.db'}")
+    client = MlflowClient()
+    other = client.create_experiment("test-report-other")
+    _log_run(client, other, {"study": "head", "classifier": "head", "backbone": "vgg16"}, {"test_accuracy": 0.5}, {"optuna.study_name": "other-study"})
+    monkeypatch.chdir(tmp_path)
+    text = write_report(f"{EXPERIMENT},test-report-other", None, "en").read_text()
+
+    assert (tmp_path / "reports" / f"{EXPERIMENT}+test-report-other" / "report.md").is_file()
+    assert "(MLflow experiments: `test-report`, `test-report-other`; finished sweeps: 2)" in text
+    assert "`other-study`" in _section(text, "## Tracked sweeps")
+    assert tracked["sweep"]["study_name"] in _section(text, "## Tracked sweeps")
+
+
 def test_report_without_sweep(isolated_stores: dict, tmp_path: Path) -> None:
     client = MlflowClient()
     experiment_id = client.create_experiment("only-predict")
