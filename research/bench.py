@@ -42,6 +42,7 @@ class BenchConfig:
     image_size: int = 224
     n_images: int = 96
     repeats: int = 3
+    matmul_size: int = 4096
     levers: bool = True
     try_compile: bool = False
     accuracy_backbone: str = "tf_efficientnet_lite0"

@@ -49,6 +49,7 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--image-size", type=int, default=defaults.image_size, help="Input side in pixels (default: %(default)s).")
     bench.add_argument("--n-images", type=int, default=defaults.n_images, help="Images timed in items 1-2 (default: %(default)s).")
     bench.add_argument("--repeats", type=int, default=defaults.repeats, help="Repetitions per measurement; the median is reported (default: %(default)s).")
+    bench.add_argument("--matmul-size", type=int, default=defaults.matmul_size, help="Side of the square matrices of item 3 (default: %(default)s).")
     bench.add_argument("--no-levers", dest="levers", action="store_false", help="Skip the per-lever measurements of item 2.")
     bench.add_argument("--try-compile", action="store_true", help="Also time torch.compile on the backbone (slow to compile on a few cores).")
     bench.add_argument("--accuracy-backbone", default=defaults.accuracy_backbone, help="Backbone of item 4 (default: %(default)s).")

@@ -126,8 +126,8 @@ def run_levers(config: BenchConfig, paths: list[Path]) -> dict:
 def run_ceiling(config: BenchConfig, images_per_second: float | None) -> dict:
     """Item 3: matmul throughput in bf16 and fp32, the backbone's GFLOP per image and its share."""
     ceiling = {
-        "bf16": matmul_gflops(torch.bfloat16, repeats=max(config.repeats, 5)),
-        "fp32": matmul_gflops(torch.float32, repeats=max(config.repeats, 5)),
+        "bf16": matmul_gflops(torch.bfloat16, n=config.matmul_size, repeats=max(config.repeats, 5)),
+        "fp32": matmul_gflops(torch.float32, n=config.matmul_size, repeats=max(config.repeats, 5)),
         "gflop_per_image": forward_gflop(_vgg(config), config.image_size),
     }
     if images_per_second:
