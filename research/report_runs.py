@@ -174,6 +174,15 @@ class RunStore:
         """Return the finished runs of a ``research`` command (``predict``, ``featuremaps``), oldest first."""
         return [run for run in self.runs if run.tags.get(COMMAND_TAG) == command and run.status == "FINISHED"]
 
+    def trial_states(self, study_name: str) -> dict[str, int]:
+        """Count the trial runs of an Optuna study per ``optuna.trial_state`` tag (COMPLETE, PRUNED, FAIL)."""
+        counts: dict[str, int] = {}
+        for run in self.runs:
+            if run.tags.get(STUDY_TAG) == study_name and run.trial_number is not None:
+                state = run.tags.get("optuna.trial_state", run.status)
+                counts[state] = counts.get(state, 0) + 1
+        return dict(sorted(counts.items()))
+
     def children(self, parent_id: str) -> list[RunRecord]:
         """Return the finished direct child runs of a run."""
         return [run for run in self.runs if run.parent_id == parent_id and run.status == "FINISHED"]

@@ -119,6 +119,9 @@ def protocol_section(ctx: Context) -> list[str]:
         n_test=t.integer(parent.metrics.get("n_test", 0)), val_fraction=t.percent(val_fraction, 0) if val_fraction is not None else "?",
         seed=parent.params.get("seed", "?"), limit=limit_text,
     ), ""]
+    seeds = parent.param_float("seeds")
+    if seeds:
+        lines += [t("protocol_seeds", n=int(seeds), seed=parent.params.get("seed", "?")), ""]
     lines += [t(
         "protocol_duplicates", within=len(audit["duplicates_within"]), across=len(audit["duplicates_across"]), skipped=len(audit["skipped_files"]),
     ), ""]

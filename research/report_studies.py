@@ -160,13 +160,17 @@ def _pooling_rows(ctx: Context, sweep: Sweep) -> tuple[list[list[str]], list[Run
             epoch = best.metrics.get("best_epoch")
             train_accuracy = _train_accuracy(ctx, best)
             training = _mean([value for _, value in ctx.store.history(best.run_id, "train_batch_seconds")])
+            test = "-"
+            is_best = parent.params.get("best_pooling") == pooling and parent.params.get("best_classifier", sweep.classifier) == classifier
+            if is_best and "test_accuracy" in parent.metrics:
+                test = t.percent(parent.metrics["test_accuracy"])
             stable = best.params.get("stable")
             stable_text = "-"
             if stable is not None:
                 stable_text = t("yes") if stable == "True" else t("no")
             rows.append([
                 pooling, classifier, f"{best.trial_number}", t.integer(epoch) if epoch is not None else "-",
-                t.percent(train_accuracy), t.percent(objective_value(best)),
+                t.percent(train_accuracy), t.percent(objective_value(best)), test,
                 stable_text,
                 t.number(extraction, 3) if extraction is not None else "-", t.number(training, 4) if training is not None else "-",
                 t.number(images_per_second, 1) if images_per_second is not None else "-", weights_cell(parent, t),
@@ -180,7 +184,9 @@ def _activation_scales(sweep: Sweep) -> tuple[dict[str, list[float]], list[str]]
     for pooling in _varying(sweep.trials, "pooling"):
         values, k = [], 1
         while f"{pooling}_act_mean_pool{k}" in sweep.parent.metrics:
-            values.append(sweep.parent.metrics[f"{pooling}_act_mean_pool{k}"])
+            value = sweep.parent.metrics[f"{pooling}_act_mean_pool{k}"]
+            # A log axis cannot show zero, negative, NaN or infinite values: they are left as gaps.
+            values.append(value if math.isfinite(value) and value > 0 else math.nan)
             k += 1
         if values:
             scales[pooling] = values
@@ -217,10 +223,10 @@ def pooling_section(ctx: Context) -> list[str]:
         lines += [t("pooling_intro", study=sweep.study_name), ""]
         rows, used = _pooling_rows(ctx, sweep)
         headers = [
-            t("col_pooling"), "classifier", t("col_best_trial"), t("col_epoch"), t("col_train_acc"), t("col_val_acc"), t("col_stable"),
+            t("col_pooling"), "classifier", t("col_best_trial"), t("col_epoch"), t("col_train_acc"), t("col_val_acc"), t("col_test_best"), t("col_stable"),
             t("col_extract_s"), t("col_train_s"), t("col_images_s"), t("col_weights"),
         ]
-        lines += markdown_table(headers, rows, right={2, 3, 4, 5, 7, 8, 9}) + ctx.sources([sweep.parent, *used]) + [""]
+        lines += markdown_table(headers, rows, right={2, 3, 4, 5, 6, 8, 9, 10}) + ctx.sources([sweep.parent, *used]) + [""]
         scales, layers = _activation_scales(sweep)
         if scales:
             figure = plots.activation_figure(scales, layers, t)
@@ -289,6 +295,9 @@ def optuna_section(ctx: Context) -> list[str]:
             value=t.percent(objective_value(best)), params=format_params(searched, t) or "-", run=best.run_id, parent=sweep.parent.run_id,
             storage=sweep.parent.params.get("storage", "sqlite:///optuna.db"),
         ), ""]
+        states = ctx.store.trial_states(sweep.study_name)
+        if states:
+            lines += [t("optuna_states", states=", ".join(f"{state} {count}" for state, count in states.items())), ""]
         figure = plots.history_figure([trial.trial_number for trial in scored], [objective_value(trial) for trial in scored], True, sweep.study_name, "val_accuracy", t)
         lines += [ctx.figure(figure, f"optuna-history-{sweep.parent.run_id[:8]}", t("fig_history_title", study=sweep.study)), ""]
         values = importances(scored)

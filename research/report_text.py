@@ -98,6 +98,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "en": "Splits: {n_train} training, {n_val} validation ({val_fraction} of each training class, stratified) and {n_test} test images; seed {seed}; {limit}.",
         "fr": "Découpage : {n_train} images d'apprentissage, {n_val} de validation ({val_fraction} de chaque classe d'apprentissage, stratifiée) et {n_test} de test ; graine {seed} ; {limit}.",
     },
+    "protocol_seeds": {
+        "en": "The test pass refits the best configuration with {n} seeds (from {seed}) and reports their mean and standard deviation.",
+        "fr": "Le passage sur le test réentraîne la meilleure configuration avec {n} graines (à partir de {seed}) et donne leur moyenne et leur écart-type.",
+    },
     "protocol_limit_none": {"en": "every image kept", "fr": "toutes les images conservées"},
     "protocol_limit": {"en": "at most {n} images per class and split", "fr": "au plus {n} images par classe et par partie"},
     "protocol_duplicates": {
@@ -173,6 +177,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "col_pooling": {"en": "pooling", "fr": "pooling"},
     "col_epoch": {"en": "best epoch (MLflow step)", "fr": "meilleure époque (step MLflow)"},
     "col_stable": {"en": "stable", "fr": "stable"},
+    "col_test_best": {"en": "test accuracy (best configuration only)", "fr": "taux en test (meilleure configuration seulement)"},
     "col_extract_s": {"en": "s/batch extraction", "fr": "s/lot extraction"},
     "col_train_s": {"en": "s/batch training", "fr": "s/lot apprentissage"},
     "col_images_s": {"en": "images/s", "fr": "images/s"},
@@ -201,6 +206,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "en": "Study `{study}` ({trials} trials, objective `{objective}`): best trial {trial} = {value}, params {params}, MLflow run `{run}` (parent `{parent}`). Open it with `optuna-dashboard {storage}` and pick study `{study}`.",
         "fr": "Étude `{study}` ({trials} essais, objectif `{objective}`) : meilleur essai {trial} = {value}, paramètres {params}, run MLflow `{run}` (parent `{parent}`). Pour l'ouvrir : `optuna-dashboard {storage}` puis l'étude `{study}`.",
     },
+    "optuna_states": {"en": "Trial runs per state: {states}.", "fr": "Runs d'essai par état : {states}."},
     "optuna_importance_single": {"en": "Only one parameter varies, so its importance is 1.", "fr": "Un seul paramètre varie : son importance vaut 1."},
     "optuna_importance_none": {"en": "No parameter varies between trials; there is no importance to compute.", "fr": "Aucun paramètre ne varie d'un essai à l'autre ; il n'y a pas d'importance à calculer."},
     "fig_history_title": {"en": "Optimisation history: {study}", "fr": "Historique de l'optimisation : {study}"},

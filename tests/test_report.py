@@ -87,6 +87,8 @@ def test_report_numbers_equal_mlflow(tracked: dict) -> None:
     protocol = _section(text, "## 4.")
     assert f"{int(parent.metrics['n_train'])} training, {int(parent.metrics['n_val'])} validation" in protocol
     assert f"and {int(parent.metrics['n_test'])} test images" in protocol
+    assert f"refits the best configuration with {int(parent.params['seeds'])} seeds (from 0)" in protocol
+    assert "Trial runs per state: COMPLETE 3." in _section(text, "## 8.")
     assert "**138,357,544 parameters**" in _section(text, "## 1.")
     assert "138,344,128 weights + 13,416 biases" in _section(text, "## 1.")
     predict = client.get_run(tracked["predict"]["run_id"])
@@ -281,8 +283,8 @@ def test_report_pooling_and_width_sections(isolated_stores: dict, tmp_path: Path
     text = write_report("pooling-names", tmp_path, "en").read_text()
     t = Text("en")
     pooling = _section(text, "## 7.")
-    assert f"| max | head | 1 | 1 | {t.percent(0.95)} | {t.percent(0.9)} | yes | 0.600 | 0.0200 | 50.0 | `x.safetensors` |" in pooling
-    assert f"| lp1 | head | 0 | 1 | {t.percent(0.35)} | {t.percent(0.3)} | no | 0.700 | 0.0200 | 45.0 |" in pooling
+    assert f"| max | head | 1 | 1 | {t.percent(0.95)} | {t.percent(0.9)} | {t.percent(0.85)} | yes | 0.600 | 0.0200 | 50.0 | `x.safetensors` |" in pooling
+    assert f"| lp1 | head | 0 | 1 | {t.percent(0.35)} | {t.percent(0.3)} | - | no | 0.700 | 0.0200 | 45.0 |" in pooling
     assert "figures/pooling-activations-" in pooling
     assert f"| `pooling` | `best_pooling`" not in pooling
     assert f"{t.percent(0.85)} | {t.percent(0.01)} |" in pooling
