@@ -36,7 +36,7 @@ from research.studies import StudyConfig, make_pruner, make_sampler
 log = logging.getLogger(__name__)
 
 JOURNAL_PREFIX = "journal://"
-RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial whose worker died is retried at most this many times. A trial that kills its worker
 # every time (out of memory, say) then stays FAIL instead of looping.
@@ -157,12 +157,16 @@ def open_storage(url: str, heartbeat_seconds: int = 60) -> BaseStorage:
             return _rdb_storage(url, heartbeat_seconds)
         with store_lock(database):
             return _rdb_storage(url, heartbeat_seconds)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:
+    except ImportError as error:
+        raise StorageError(
+            f"Optuna storage {redacted_url}: the database driver is not installed ({error.__cause__ or error}). "
+            "Install it with pip install 'psycopg[binary]' for postgresql:// or pymysql for mysql+pymysql://."
+        ) from error
+    except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(error).strip().splitlines()[0]
         raise StorageError(
             f"Optuna storage {redacted_url} cannot be reached: {reason}. Check that the database server is running "
-            "and that host, port, user, password and database name are right; install psycopg2-binary for "
-            "postgresql:// URLs."
+            "and that host, port, user, password and database name are right."
         ) from error
 
 

@@ -77,14 +77,34 @@ def _link_previous(client: MlflowClient, run_id: str, study_name: str) -> None:
         client.set_terminated(previous.info.run_id, status="KILLED")
 
 
+def _create_first_parent(client: MlflowClient, experiment_id: str, run_name: str, study_name: str) -> str:
+    """Create the study's parent run; when workers race to do so, all keep the oldest one.
+
+    Workers on other machines do not share the local lock, so two of them can each create a parent.
+    Each then lists the parents of the study and keeps the oldest (by start time, then run id).
+    A worker whose own run lost deletes it.
+    """
+    tags = {"optuna.study_name": study_name, PARENT_ROLE_TAG: "parent"}
+    own_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`optuna.study_name` = '{study_name}' and tags.`{PARENT_ROLE_TAG}` = 'parent'",
+        max_results=100,
+    )
+    oldest = min(runs, key=lambda run: (run.info.start_time, run.info.run_id))
+    if oldest.info.run_id != own_id:
+        client.delete_run(own_id)
+        log.info("Parent run %s of study '%s' was created by another worker at the same time; using it.", oldest.info.run_id, study_name)
+    return oldest.info.run_id
+
+
 def _claim_parent(client: MlflowClient, experiment_name: str, run_name: str, study_name: str) -> str:
     """Reuse the latest parent run of the study, or create one; serialised on a local SQLite store."""
     with tracking_store_lock():
         experiment_id = tracking.resolve_experiment(client, experiment_name)
         previous = previous_parent_run(client, experiment_id, study_name)
         if previous is None:
-            run = client.create_run(experiment_id, run_name=run_name, tags={"optuna.study_name": study_name, PARENT_ROLE_TAG: "parent"})
-            return run.info.run_id
+            return _create_first_parent(client, experiment_id, run_name, study_name)
 
     run_id = previous.info.run_id
     count = int(previous.data.tags.get("resume_count", "0")) + 1

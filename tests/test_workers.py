@@ -16,9 +16,9 @@ from tests.test_resume import _environment, sweep_arguments
 N_TRIALS = 8
 
 
-def check_shared_study(storage, tracking_uri: str, experiment: str, n_trials: int) -> None:
-    """Assert that the only study has exactly ``n_trials`` COMPLETE trials, each with one finished MLflow run."""
-    study_name = optuna.get_all_study_names(storage)[0]
+def check_shared_study(storage, tracking_uri: str, experiment: str, n_trials: int, study_name: str = "") -> None:
+    """Assert that the study (the only one by default) has exactly ``n_trials`` COMPLETE trials, each with one finished MLflow run."""
+    study_name = study_name or optuna.get_all_study_names(storage)[0]
     study = optuna.load_study(study_name=study_name, storage=storage)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.FAIL) == 0
