@@ -70,10 +70,11 @@ def run_extraction_items(config: BenchConfig, paths: list[Path]) -> dict:
     del plain_model
 
     options = {"precision": defaults.precision, "batch_size": defaults.batch_size, "num_workers": defaults.num_workers}
+    # The peak covers model creation, the bf16 cast and full batches of the timed passes.
     with PeakRss() as memory:
         model = _vgg(config)
         project_path_seconds(model, warm, cfg, **options)
-    project = _throughput(repeat(lambda: project_path_seconds(model, paths, cfg, **options), config.repeats), len(paths))
+        project = _throughput(repeat(lambda: project_path_seconds(model, paths, cfg, **options), config.repeats), len(paths))
     project["options"] = {**options, "precision": resolve_precision(options["precision"], torch.device("cpu"))}
     project["peak_rss_bytes"] = memory.peak_bytes
     project["rss_increase_bytes"] = memory.peak_bytes - memory.start_bytes

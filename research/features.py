@@ -29,9 +29,9 @@ class FeatureError(RuntimeError):
 class Extraction:
     """Features of a list of images, in the order of that list, and the timing of the pass.
 
-    ``batch_seconds`` times the backbone on each batch; ``wait_seconds`` is the time the backbone
-    spent waiting for decoded images; ``wall_seconds`` covers the whole pass, model preparation
-    excluded.
+    ``batch_seconds`` times the backbone on each batch. ``wait_seconds`` is the time the backbone
+    spent waiting for decoded images. ``wall_seconds`` covers the whole pass, except model
+    preparation (moving and casting the weights).
     """
 
     arrays: dict[str, np.ndarray]
