@@ -55,7 +55,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=defaults.cache_dir, help="Feature cache folder (default: %(default)s).")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=defaults.precision, help="Backbone precision; auto = bf16 where the CPU or GPU has native bf16 (default: %(default)s).")
     parser.add_argument("--batch-size", type=_whole_number, default=defaults.batch_size, help="Images per backbone batch (default: %(default)s).")
-    parser.add_argument("--num-workers", type=_whole_number, default=defaults.num_workers, help="Image decoding processes running beside the backbone (default: %(default)s).")
+    parser.add_argument("--num-workers", type=_whole_number, default=defaults.num_workers, help="Image decoding threads running ahead of the backbone; 0 decodes in the main thread (default: %(default)s).")
     parser.add_argument("--device", default=defaults.device, help="'auto' (CUDA when available), 'cpu' or 'cuda' (default: %(default)s).")
 
 
