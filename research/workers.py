@@ -25,6 +25,7 @@ from urllib.error import URLError
 from urllib.request import urlopen
 
 import mlflow
+import optuna
 from rich.progress import Progress
 
 from research import optimize, resume
@@ -40,10 +41,10 @@ class WorkerError(RuntimeError):
 
 
 def check_tracking_server(uri: str | None = None) -> None:
-    """Check that an ``http(s)://`` MLflow tracking server answers on ``/health``.
+    """Check that an ``http(s)://`` MLflow tracking server responds on ``/health``.
 
     Raises:
-        ConnectionError: The server does not answer within a few seconds.
+        ConnectionError: The server does not respond within ``HEALTH_TIMEOUT_SECONDS``.
     """
     uri = uri or mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
@@ -81,8 +82,6 @@ def _write_config(config, parent_run_id: str, folder: Path) -> Path:
 def _watch(processes: list[subprocess.Popen], study_name: str, config) -> None:
     """Wait for the workers, showing the study's finished trials as progress."""
     storage = optimize.open_storage(config.storage, config.heartbeat_seconds)
-    import optuna
-
     study = optuna.load_study(study_name=study_name, storage=storage)
     with Progress() as progress:
         task = progress.add_task(f"trials ({len(processes)} workers)", total=config.n_trials)
