@@ -14,6 +14,11 @@ from sklearn.svm import LinearSVC
 
 NORMALIZATIONS = ("standard", "l2")
 
+# NOTE: liblinear's dual coordinate descent slows down as C grows, while its primal Newton solver
+# does not. Measured on 1,200 relu7 vectors of a random-weight VGG16, L2-normalised, 2 loaded
+# cores: C=0.07 took 5.6 s dual and 15 s primal; C=10 took 118 s dual and 45 s primal.
+DUAL_BELOW_C = 1.0
+
 
 @dataclass
 class FitResult:
@@ -36,7 +41,9 @@ def fit_linear_svm(
     max_iter: int = 5000,
     seed: int = 0,
 ) -> FitResult:
-    """Fit a one-vs-rest linear SVM (liblinear) on standardised or L2-normalised features.
+    """Fit a one-vs-rest linear SVM (liblinear, squared hinge loss) on standardised or L2-normalised features.
+
+    The dual solver is used below ``C = DUAL_BELOW_C`` and the primal one above, whichever is faster.
 
     Args:
         features: Array of shape (n_images, n_features).
@@ -52,7 +59,8 @@ def fit_linear_svm(
         raise ValueError(f"svm_C={C} is invalid; C must be positive.")
 
     scaler = StandardScaler() if normalize == "standard" else Normalizer(norm="l2")
-    model = make_pipeline(scaler, LinearSVC(C=C, max_iter=max_iter, random_state=seed))
+    solver = LinearSVC(C=C, dual=C < DUAL_BELOW_C, max_iter=max_iter, random_state=seed)
+    model = make_pipeline(scaler, solver)
 
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
