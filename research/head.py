@@ -5,9 +5,9 @@ Linear(W, n_classes)``. Training runs mini-batch SGD with momentum (or AdamW) un
 autocast where the device computes bf16 natively; weights, gradients and optimizer state stay in
 fp32.
 
-Curve stability, logged by the objective as ``val_loss_stability`` and ``stable``: the standard
-deviation of the validation loss over the last ``STABILITY_WINDOW`` epochs, divided by its mean over
-the same epochs (a coefficient of variation, so it does not depend on the loss scale). A trial is
+Curve stability is logged by the objective as ``val_loss_stability`` and ``stable``. It is the
+standard deviation of the validation loss over the last ``STABILITY_WINDOW`` epochs divided by its
+mean over the same epochs, a coefficient of variation that does not depend on the loss scale. A trial is
 ``stable`` when that ratio is at most ``STABILITY_THRESHOLD`` and no loss was NaN or infinite.
 """
 

@@ -32,7 +32,7 @@ BEST_EPOCH_ATTR = "best_epoch"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Where and how classifiers train: device, bf16 autocast for the head, seed."""
+    """Training settings of the classifiers: device, bf16 autocast for the head, seed."""
 
     device: torch.device
     bf16: bool

@@ -1,8 +1,8 @@
 """The test pass: the best configuration refit with several seeds, each evaluated once on the test set.
 
-Each seed refits the best trial's classifier on train + validation: the SVM with that seed for
-liblinear, the head with that seed for initialisation, dropout and batch order, for as many epochs
-as the best trial's best epoch (there is no validation set left to stop on). The splits stay those
+Each seed refits the best trial's classifier on train + validation. The SVM uses the seed for
+liblinear. The head uses it for initialisation, dropout and batch order, and trains for as many
+epochs as the best trial's best epoch, because no validation set is left to stop on. The splits stay those
 of the sweep's seed. The repeats are logged on the parent run, not as child runs, so that the
 parent's children are exactly the Optuna trials: ``test_accuracy_mean``, ``test_accuracy_std``
 (sample standard deviation, ddof = 1, NaN with a single seed), ``test_accuracy`` (equal to the

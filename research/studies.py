@@ -237,7 +237,7 @@ def _parse_classifier(top_level, params: tuple[ParamSpec, ...], path: Path) -> s
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    """Build the Optuna pruner the study file asks for; ``none`` never prunes."""
+    """Build the Optuna pruner that the study file sets; ``none`` never prunes."""
     options = {k: v for k, v in config.pruner.items() if k != "type"}
     kind = config.pruner.get("type", "none")
     try:

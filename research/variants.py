@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Variant:
-    """What changes the backbone: its pooling layers and, for VGG, fresh fc6 and fc7 of another width.
+    """Backbone change of a trial: its pooling layers and, for VGG, fresh fc6 and fc7 of another width.
 
     ``fc_width`` is None for the model's own fc layers (for VGG, the pre-trained 4096 wide ones).
     """
@@ -126,5 +126,10 @@ class FeatureProvider:
             tracking.log_series(self._client, run_id, "extract_batch_seconds", batch_seconds)
             tracking.set_tags(self._client, run_id, {"feature_extracted_here": True, "feature_cache_hit": entry.hit})
         stats = entry.manifest.get("activation_stats", {})
+        if not stats:
+            log.warning(
+                "Feature cache entry %s has no activation statistics because it was written before they were recorded. "
+                "Delete that folder to re-extract it with them.", entry.path,
+            )
         scales = ", ".join(f"{k[8:]}={v:.3g}" for k, v in stats.items() if k.startswith("act_max_"))
         log.info("Variant %s: %.1f images/s; max |activation| %s.", variant.prefix, metrics["images_per_second"], scales or "not recorded")
