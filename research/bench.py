@@ -94,16 +94,21 @@ class PeakRss:
         self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
 
 
-def repeat(run: Callable[[], float], repeats: int) -> dict:
-    """Call ``run`` (which returns seconds) ``repeats`` times; return the median, all values and the loads."""
-    load_before = load_average()
-    seconds = [run() for _ in range(repeats)]
+def summarize(seconds: list[float], load_before: float, load_after: float) -> dict:
+    """Return the median of timed repetitions, every value and the load averages around them."""
     return {
         "median_seconds": statistics.median(seconds),
         "seconds": seconds,
         "load_before": load_before,
-        "load_after": load_average(),
+        "load_after": load_after,
     }
+
+
+def repeat(run: Callable[[], float], repeats: int) -> dict:
+    """Call ``run`` (which returns seconds) ``repeats`` times and summarize the timings."""
+    load_before = load_average()
+    seconds = [run() for _ in range(repeats)]
+    return summarize(seconds, load_before, load_average())
 
 
 def _throughput(result: dict, images: int) -> dict:

@@ -166,7 +166,7 @@ def _details(record: dict) -> str:
             f"Extraction, items 1 and 2: {item2['plain']['images']} images of the dataset, spread over classes and splits, "
             f"{item2['image_size']} px, {item2['backbone']} with random weights (the speed does not depend on the weight values). "
             f"Repetitions: {len(project['seconds'])}; loads: plain {_loads(item2['plain'])}, project {_loads(project)}. "
-            f"Peak resident memory of extraction (model creation, bf16 cast and the timed passes): {_gib(project['peak_rss_bytes'])}, "
+            f"The two loops alternate in each repetition. Peak resident memory of extraction (model creation, bf16 cast and one pass): {_gib(project['peak_rss_bytes'])}, "
             f"{_gib(project['rss_increase_bytes'])} above the process before it."
         )
     item3 = record.get("item3")

@@ -32,6 +32,7 @@ from research.bench import (
     precision_accuracy,
     project_path_seconds,
     repeat,
+    summarize,
     sweep_config,
 )
 from research.bench_trial import largest_head_memory, scratch_dir, study_wall_time, tracking_overhead
@@ -63,18 +64,24 @@ def run_extraction_items(config: BenchConfig, paths: list[Path]) -> dict:
     defaults = sweep_config(data_dir=config.data_dir)
     warm = paths[:16]
 
-    plain_model = _vgg(config)
-    cfg = data_config(plain_model, config.image_size)
-    plain_loop_seconds(plain_model, warm, cfg)
-    plain = _throughput(repeat(lambda: plain_loop_seconds(plain_model, paths, cfg), config.repeats), len(paths))
-    del plain_model
-
     options = {"precision": defaults.precision, "batch_size": defaults.batch_size, "num_workers": defaults.num_workers}
-    # The peak covers model creation, the bf16 cast and full batches of the timed passes.
+    # The peak covers model creation, the bf16 cast and one untimed pass with full batches.
     with PeakRss() as memory:
         model = _vgg(config)
-        project_path_seconds(model, warm, cfg, **options)
-        project = _throughput(repeat(lambda: project_path_seconds(model, paths, cfg, **options), config.repeats), len(paths))
+        cfg = data_config(model, config.image_size)
+        project_path_seconds(model, paths, cfg, **options)
+    plain_model = _vgg(config)
+    plain_loop_seconds(plain_model, warm, cfg)
+
+    # The two loops alternate, so that both see the same load on a shared machine.
+    timings: dict[str, list[float]] = {"plain": [], "project": []}
+    load_before = load_average()
+    for _ in range(config.repeats):
+        timings["plain"].append(plain_loop_seconds(plain_model, paths, cfg))
+        timings["project"].append(project_path_seconds(model, paths, cfg, **options))
+    load_after = load_average()
+    plain = _throughput(summarize(timings["plain"], load_before, load_after), len(paths))
+    project = _throughput(summarize(timings["project"], load_before, load_after), len(paths))
     project["options"] = {**options, "precision": resolve_precision(options["precision"], torch.device("cpu"))}
     project["peak_rss_bytes"] = memory.peak_bytes
     project["rss_increase_bytes"] = memory.peak_bytes - memory.start_bytes
