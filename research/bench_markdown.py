@@ -201,6 +201,13 @@ def _details(record: dict) -> str:
             "(those calls are made after training, so the count of calls is a per-batch logger's but not their interleaving). "
             f"Loads {_loads(item5)}."
         )
+        estimate = item5.get("largest_head_estimate")
+        if estimate and not item5.get("largest_head"):
+            text += (
+                f" Largest head (width {estimate['width']} on {estimate['in_features']} inputs, {estimate['parameters'] / 1e6:.0f} M "
+                f"parameters, SGD with momentum): not measured here; its weights, gradients, momentum and bf16 weight copies "
+                f"come to an estimated {_gib(estimate['bytes'])} (14 bytes per parameter, activations left out)."
+            )
         head = item5.get("largest_head")
         if head:
             text += (

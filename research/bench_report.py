@@ -149,9 +149,9 @@ def run_ceiling(config: BenchConfig, images_per_second: float | None) -> dict:
 def run_bench(config: BenchConfig, output: Path) -> dict:
     """Run the requested items, merge them into ``output``'s JSON record and write the markdown report."""
     record_path = output.with_suffix(".json")
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record["environment"] = tracking.environment_info()
-    record["environment"]["torch_interop_threads"] = torch.get_num_interop_threads()
+    record = _read_record(record_path)
+    environment = {**tracking.environment_info(), "torch_interop_threads": torch.get_num_interop_threads()}
+    measured: dict[str, dict] = {}
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     paths = bench_images(config.data_dir, config.n_images)
 
@@ -160,17 +160,23 @@ def run_bench(config: BenchConfig, output: Path) -> dict:
         # Items 1 and 2 are measured together, on the same images.
         for item in sorted({2 if i == 1 else i for i in config.items}):
             log.info("Benchmark item %d.", item)
-            result = _run_item(item, config, paths, root, record)
+            result = _run_item(item, config, paths, root, {**record, **measured})
             if result is not None:
-                record[f"item{item}"] = {**result, "measured_at": stamp, "repeats": config.repeats}
+                measured[f"item{item}"] = {**result, "measured_at": stamp, "repeats": config.repeats}
 
     from research.bench_markdown import render
 
+    # Read the record again: another benchmark run may have stored other items in the meantime.
+    record = {**_read_record(record_path), **measured, "environment": environment}
     output.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
     output.write_text(render(record))
     log.info("Wrote %s and %s.", output, record_path)
     return record
+
+
+def _read_record(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _run_item(item: int, config: BenchConfig, paths: list[Path], root: Path, record: dict) -> dict | None:

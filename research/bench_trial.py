@@ -157,9 +157,23 @@ def tracking_overhead(config: BenchConfig, root: Path) -> dict:
             "median_tracking_seconds": statistics.median(t["tracking"] for t in trials),
             "seconds": [t["train"] + t["tracking"] for t in trials],
         }
+    result["largest_head_estimate"] = largest_head_estimate(config.head_in_features)
     result["batched_overhead"] = statistics.median(t["tracking"] / t["train"] for t in runs["batched"])
     result["per_value_overhead"] = statistics.median(t["tracking"] / t["train"] for t in runs["per_value"])
     return result
+
+
+def largest_head_estimate(in_features: int) -> dict:
+    """Estimate the training memory of the widest head from its parameter count.
+
+    Per parameter: fp32 weight, gradient and SGD momentum (12 bytes) plus the bf16 copy that
+    autocast makes of each weight (2 bytes); activations and the features are left out.
+    """
+    from research.head import WIDTHS, head_parameter_count
+
+    width = max(WIDTHS)
+    parameters = head_parameter_count(in_features, width, 15)
+    return {"width": width, "in_features": in_features, "parameters": parameters, "bytes": 14 * parameters}
 
 
 def largest_head_memory(config: BenchConfig) -> dict:
