@@ -3,7 +3,7 @@
 Both servers run as child processes, each in its own process group, so that a stop reaches every
 worker process they fork. ``research ui`` wraps these commands::
 
-    mlflow server --backend-store-uri URI --host 127.0.0.1 --port 5000 --workers 1
+    MLFLOW_BACKEND_STORE_URI=URI mlflow server --host 127.0.0.1 --port 5000 --workers 1
     optuna-dashboard STORAGE --host 127.0.0.1 --port 8080
 """
 
@@ -100,14 +100,14 @@ def console_script(name: str) -> str:
 def mlflow_server(tracking_uri: str, host: str, port: int) -> Server:
     """Describe ``mlflow server`` on ``tracking_uri``, with one worker process."""
     # One worker serves one person's browser; mlflow's default is 4, each of about 250 MB resident.
-    command = [
-        console_script("mlflow"), "server",
-        "--backend-store-uri", tracking_uri,
-        "--host", host, "--port", str(port), "--workers", "1",
-    ]
-    # MLflow 3.17 starts six job-runner processes for GenAI features by default, and browsing runs
-    # needs none of them. An explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION in the environment still wins.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    command = [console_script("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1"]
+    env = {
+        # Read by --backend-store-uri; in the environment, a database password stays out of `ps`.
+        "MLFLOW_BACKEND_STORE_URI": tracking_uri,
+        # MLflow 3.17 starts six job-runner processes for GenAI features by default, and browsing
+        # runs needs none of them. An explicit setting in the environment still wins.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+    }
     return Server("MLflow", command, f"http://{_url_host(host)}:{port}/", "/health", env)
 
 
@@ -118,12 +118,28 @@ def optuna_dashboard(storage: str, host: str, port: int) -> Server:
     """
     journal = journal_path(storage)
     target = str(journal) if journal is not None else storage
+    # NOTE: optuna-dashboard 0.21 takes the storage only as an argument, so the password of a
+    # postgresql:// URL shows in the process list of this machine.
     command = [console_script("optuna-dashboard"), target, "--host", host, "--port", str(port), "--quiet"]
     return Server("optuna-dashboard", command, f"http://{_url_host(host)}:{port}/dashboard/", "/api/meta")
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def check_tracking_store(tracking_uri: str) -> None:
+    """Reject a tracking URI that names a server, not a store that ``mlflow server`` can open.
+
+    Raises:
+        UiError: The URI is an ``http(s)://`` or ``databricks`` tracking server.
+    """
+    scheme = tracking_uri.split(":", 1)[0].lower()
+    if scheme in ("http", "https", "databricks"):
+        raise UiError(
+            f"Tracking URI {redact_url(tracking_uri)} is a tracking server, which has its own UI: open it in a "
+            "browser, or pass a store such as --tracking-uri sqlite:///mlflow.db to serve that store."
+        )
 
 
 def check_storage_exists(storage: str) -> None:
@@ -294,7 +310,10 @@ def serve(
     Raises:
         UiError: A port is in use, a program is missing, or a server did not start.
     """
+    check_tracking_store(tracking_uri)
     check_storage_exists(storage)
+    if mlflow_port == optuna_port:
+        raise UiError(f"--mlflow-port and --optuna-port are both {mlflow_port}; give the two servers different ports.")
     check_port_free(host, mlflow_port, "--mlflow-port")
     check_port_free(host, optuna_port, "--optuna-port")
     servers = [mlflow_server(tracking_uri, host, mlflow_port), optuna_dashboard(storage, host, optuna_port)]

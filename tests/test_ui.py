@@ -116,6 +116,11 @@ def test_missing_storage_file_rejected(tmp_path: Path) -> None:
         ui.serve(f"sqlite:///{tmp_path / 'mlflow.db'}", f"journal://{tmp_path / 'journal.log'}")
 
 
+def test_tracking_server_uri_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ui.UiError, match=r"http://127\.0\.0\.1:5000 is a tracking server"):
+        ui.serve("http://127.0.0.1:5000", f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
 def test_port_in_use_rejected(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="ui-test", storage=storage)
@@ -173,8 +178,17 @@ def test_journal_storage_passed_as_path() -> None:
 def test_mlflow_command_binds_loopback() -> None:
     server = ui.mlflow_server("sqlite:///mlflow.db", ui.DEFAULT_HOST, 5000)
 
-    assert server.command[1:] == ["server", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1", "--port", "5000", "--workers", "1"]
+    assert server.command[1:] == ["server", "--host", "127.0.0.1", "--port", "5000", "--workers", "1"]
+    assert server.env["MLFLOW_BACKEND_STORE_URI"] == "sqlite:///mlflow.db"
     assert server.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_same_port_rejected(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="ui-test", storage=storage)
+
+    with pytest.raises(ui.UiError, match="both 5000"):
+        ui.serve(f"sqlite:///{tmp_path / 'mlflow.db'}", storage, mlflow_port=5000, optuna_port=5000)
 
 
 def test_default_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
