@@ -111,10 +111,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     def show_urls(servers: list[ui.Server]) -> None:
         for server in servers:
-            console.print(f"{server.name}: {server.url}", markup=False, highlight=False)
+            # soft_wrap keeps each URL on one line, so that terminals can open it with a click.
+            console.print(f"{server.name}: {server.url}", markup=False, highlight=False, soft_wrap=True)
             if server.name == "MLflow":
                 for name, url in ui.experiment_urls(tracking_uri, server.url).items():
-                    console.print(f"  runs of experiment '{name}': {url}", markup=False, highlight=False)
+                    console.print(f"  runs of experiment '{name}': {url}", markup=False, highlight=False, soft_wrap=True)
         console.print("Press Ctrl-C to stop both servers.", markup=False, highlight=False)
 
     return ui.serve(tracking_uri, args.storage, args.host, args.mlflow_port, args.optuna_port, on_ready=show_urls)

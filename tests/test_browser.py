@@ -42,6 +42,7 @@ if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing; install it with: pip install -e '.[dev]'")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
@@ -137,10 +138,10 @@ def _page_text(driver) -> str:
     return driver.find_element(By.TAG_NAME, "body").text
 
 
-def _wait_for_texts(driver, texts: list[str], screenshot: str, height: int = 1000) -> str:
+def _wait_for_texts(driver, texts: list[str], screenshot: str, height: int = 1000, width: int = 1600) -> str:
     """Wait until the page shows every text, save a screenshot either way, and return the page text.
 
-    MLflow scrolls inside its own panel, so a window ``height`` pixels tall is what gets captured.
+    MLflow scrolls inside its own panel, so a window of ``width`` x ``height`` pixels is what gets captured.
     """
     try:
         WebDriverWait(driver, PAGE_TIMEOUT_SECONDS, poll_frequency=0.5).until(
@@ -148,7 +149,7 @@ def _wait_for_texts(driver, texts: list[str], screenshot: str, height: int = 100
         )
     except TimeoutException:
         pass
-    driver.set_window_size(1600, height)
+    driver.set_window_size(width, height)
     time.sleep(1)  # The layout follows the new size after a repaint.
     driver.save_screenshot(str(ARTIFACTS / screenshot))
     driver.set_window_size(1600, 1000)
@@ -162,6 +163,19 @@ def _close_assistant(driver) -> None:
             button.click()
 
 
+def _show_columns(driver, names: list[str]) -> None:
+    """Tick param and metric columns in the runs table's "Columns" menu; MLflow 3.17 hides them by default."""
+    menu = next(button for button in driver.find_elements(By.TAG_NAME, "button") if button.text.strip() == "Columns")
+    menu.click()
+    for name in names:
+        WebDriverWait(driver, PAGE_TIMEOUT_SECONDS).until(
+            lambda d: any(e.is_displayed() for e in d.find_elements(By.XPATH, f"//span[normalize-space(text())='{name}']"))
+        )
+        item = next(e for e in driver.find_elements(By.XPATH, f"//span[normalize-space(text())='{name}']") if e.is_displayed())
+        item.click()
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+
+
 def test_mlflow_experiment_page_lists_trials(session: Session) -> None:
     driver = session.driver
     driver.get(session.experiment_url)
@@ -169,13 +183,19 @@ def test_mlflow_experiment_page_lists_trials(session: Session) -> None:
     _close_assistant(driver)
     for expander in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id*=runnamecellrenderer]"):
         expander.click()
+    _show_columns(driver, ["svm_C", "val_accuracy", "train_accuracy"])
     names = [child.info.run_name for child in session.children]
-    text = _wait_for_texts(driver, names, "mlflow-experiment.png")
+    text = _wait_for_texts(driver, names, "mlflow-experiment.png", width=2000)
+    headers = [header.text for header in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]")]
 
     assert "Runs" in text
     assert "sweep svm vgg16" in text
     for name in names:
         assert name in text
+    for column in ("svm_C", "val_accuracy", "train_accuracy"):
+        assert column in headers
+    for child in session.children:
+        assert child.data.params["svm_C"][:6] in text
 
 
 def test_mlflow_parent_run_description(session: Session) -> None:
