@@ -4,7 +4,7 @@
 and writes ``report.md`` (English) or ``report.fr.md`` (French) with its figures under
 ``figures/``. Sections follow the lab's order: the model's layers, own photos, first-convolution
 maps, protocol, SVM, FC width, pooling, Optuna studies, environment. A section whose runs do not
-exist yet says so instead of failing. The same runs give byte-identical files.
+exist yet states it instead of failing. The same runs give byte-identical files.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from research.plots import save_png
-from research.report_runs import RunRecord, RunStore, Sweep, experiment_names
+from research.report_runs import RunRecord, RunStore, Sweep, best_trial, experiment_names
 from research.report_text import Text
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ REPORT_FILES = {"en": "report.md", "fr": "report.fr.md"}
 
 @dataclass
 class Context:
-    """What every section needs: the runs, the language and the output folder."""
+    """Inputs of every section: the runs, the language and the output folder."""
 
     store: RunStore
     sweeps: list[Sweep]
@@ -86,7 +86,7 @@ def markdown_table(headers: list[str], rows: list[list[str]], right: set[int] | 
 
 def weights_cell(run: RunRecord, text: Text) -> str:
     """Show a run's weights label, marked when they are random."""
-    label = run.params.get("weights", "?")
+    label = run.param("weights")
     return f"**{text('random_mark')}** ⚠" if run.weights_random else f"`{label}`"
 
 
@@ -105,9 +105,7 @@ def format_params(params: dict[str, str], text: Text) -> str:
 
 
 def _header(ctx: Context) -> list[str]:
-    from research.report_studies import best_trial
-
-    backbones = sorted({sweep.parent.params.get("backbone", "?") for sweep in ctx.sweeps})
+    backbones = sorted({sweep.parent.param("backbone") for sweep in ctx.sweeps})
     lines = [f"# {ctx.text('title', backbone=', '.join(backbones))}", ""]
     experiments = ", ".join(f"`{name}`" for name in experiment_names(ctx.store.experiment))
     lines.append(ctx.text("intro", experiment=experiments, n_sweeps=len(ctx.sweeps)))
@@ -123,7 +121,7 @@ def _header(ctx: Context) -> list[str]:
         best = best_trial(sweep)
         best_val = sweep.parent.metrics.get("best_val_accuracy", best.metrics.get("val_accuracy") if best else None)
         rows.append([
-            f"`{sweep.study}`", f"`{sweep.study_name}`", f"`{sweep.parent.params.get('backbone', '?')}`", weights_cell(sweep.parent, t),
+            f"`{sweep.study}`", f"`{sweep.study_name}`", f"`{sweep.parent.param('backbone')}`", weights_cell(sweep.parent, t),
             str(len(sweep.trials)), t.percent(best_val), t.percent(sweep.parent.metrics.get("test_accuracy")), f"`{sweep.parent.run_id}`",
         ])
     headers = [t("col_study"), t("col_optuna_study"), t("col_backbone"), t("col_weights"), t("col_trials"), t("col_best_val"), t("col_test"), t("col_run")]
@@ -134,6 +132,7 @@ def _header(ctx: Context) -> list[str]:
 
 def build_report(store: RunStore, lang: str, out_dir: Path) -> tuple[str, list[str]]:
     """Build the report's markdown and write its figures; return the text and the figure paths."""
+    # Imported here because the section modules import Context and the table helpers from this one.
     from research import report_sections, report_studies
 
     ctx = Context(store, store.sweeps(), Text(lang), out_dir)

@@ -25,6 +25,8 @@ STUDY_TAG = "optuna.study_name"
 TRIAL_TAG = "optuna.trial_number"
 COMMAND_TAG = "research.command"
 PAGE_SIZE = 1000
+# A pruned trial's run ends KILLED and a failed one FAILED.
+RUN_STATUS_TO_TRIAL_STATE = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}
 
 
 class ReportError(ValueError):
@@ -56,11 +58,19 @@ class RunRecord:
         value = self.tags.get(TRIAL_TAG)
         return int(value) if value is not None and value.lstrip("-").isdigit() else None
 
+    def param(self, key: str, default: str = "?") -> str:
+        """Return a param, preferring ``resolved_<key>``.
+
+        Under ``mlflow run`` the parent run already holds the raw ``-P`` text (``weights=none``),
+        so the sweep logs the resolved value (``random``) as ``resolved_<key>``.
+        """
+        return self.params.get(f"resolved_{key}", self.params.get(key, default))
+
     def param_float(self, key: str) -> float | None:
         """Return a param as a float, or None when it is absent or not a number."""
         try:
-            return float(self.params[key])
-        except (KeyError, ValueError):
+            return float(self.param(key))
+        except ValueError:
             return None
 
 
@@ -86,6 +96,21 @@ class Sweep:
     @property
     def weights_random(self) -> bool:
         return self.parent.weights_random or any(trial.weights_random for trial in self.trials)
+
+
+def objective_value(trial: RunRecord) -> float | None:
+    """Return the value a trial gave Optuna: the head's accuracy at its best epoch, else ``val_accuracy``."""
+    return trial.metrics.get("val_accuracy_at_best_epoch", trial.metrics.get("val_accuracy"))
+
+
+def best_trial(sweep: Sweep) -> RunRecord | None:
+    """Return the trial the parent names as best, else the one with the highest objective value."""
+    number = sweep.parent.params.get("best_trial_number")
+    for trial in sweep.trials:
+        if number is not None and str(trial.trial_number) == number:
+            return trial
+    scored = [trial for trial in sweep.trials if objective_value(trial) is not None]
+    return max(scored, key=lambda trial: (objective_value(trial), -trial.trial_number), default=None)
 
 
 def _record(run) -> RunRecord:
@@ -175,12 +200,16 @@ class RunStore:
         return [run for run in self.runs if run.tags.get(COMMAND_TAG) == command and run.status == "FINISHED"]
 
     def trial_states(self, study_name: str) -> dict[str, int]:
-        """Count the trial runs of an Optuna study per ``optuna.trial_state`` tag (COMPLETE, PRUNED, FAIL)."""
-        counts: dict[str, int] = {}
+        """Count the trials of an Optuna study per state (COMPLETE, PRUNED, FAIL, RUNNING), the latest run of each."""
+        latest: dict[int, RunRecord] = {}
         for run in self.runs:
             if run.tags.get(STUDY_TAG) == study_name and run.trial_number is not None:
-                state = run.tags.get("optuna.trial_state", run.status)
-                counts[state] = counts.get(state, 0) + 1
+                latest[run.trial_number] = run
+        counts: dict[str, int] = {}
+        for run in latest.values():
+            # Runs logged before the sweep tagged trial states carry only the MLflow run status.
+            state = run.tags.get("optuna.trial_state", RUN_STATUS_TO_TRIAL_STATE.get(run.status, run.status))
+            counts[state] = counts.get(state, 0) + 1
         return dict(sorted(counts.items()))
 
     def children(self, parent_id: str) -> list[RunRecord]:

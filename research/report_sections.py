@@ -13,7 +13,7 @@ MAX_LISTED_GROUPS = 10
 
 def _preferred(ctx: Context, artifact: str) -> tuple[Sweep, dict] | None:
     """Return the first sweep holding ``artifact``, VGG16 sweeps and then SVM studies first."""
-    order = sorted(ctx.sweeps, key=lambda s: (s.parent.params.get("backbone") != "vgg16", s.classifier != "svm"))
+    order = sorted(ctx.sweeps, key=lambda s: (s.parent.param("backbone") != "vgg16", s.classifier != "svm"))
     for sweep in order:
         data = ctx.store.artifact_json(sweep.parent.run_id, artifact)
         if data is not None:
@@ -23,11 +23,13 @@ def _preferred(ctx: Context, artifact: str) -> tuple[Sweep, dict] | None:
 
 def layers_section(ctx: Context) -> list[str]:
     t = ctx.text
-    lines = [f"## {t('h_layers')}", ""]
     found = _preferred(ctx, LAYERS_ARTIFACT)
     if found is None:
-        return lines + ctx.missing("layers_missing")
+        return [f"## {t('h_layers', model='VGG16')}", ""] + ctx.missing("layers_missing")
     sweep, table = found
+    # The lab's own spelling for VGG models (VGG16); other timm names are shown as they are.
+    shown = table["model"].upper() if table["model"].startswith("vgg") else f"`{table['model']}`"
+    lines = [f"## {t('h_layers', model=shown)}", ""]
     lines += [t("layers_intro", model=table["model"], size=table["image_size"], run=sweep.parent.run_id), ""]
 
     rows = []
@@ -117,11 +119,11 @@ def protocol_section(ctx: Context) -> list[str]:
     lines += [t(
         "protocol_splits", n_train=t.integer(parent.metrics.get("n_train", 0)), n_val=t.integer(parent.metrics.get("n_val", 0)),
         n_test=t.integer(parent.metrics.get("n_test", 0)), val_fraction=t.percent(val_fraction, 0) if val_fraction is not None else "?",
-        seed=parent.params.get("seed", "?"), limit=limit_text,
+        seed=parent.param("seed"), limit=limit_text,
     ), ""]
     seeds = parent.param_float("seeds")
     if seeds:
-        lines += [t("protocol_seeds", n=int(seeds), seed=parent.params.get("seed", "?")), ""]
+        lines += [t("protocol_seeds", n=int(seeds), seed=parent.param("seed")), ""]
     lines += [t(
         "protocol_duplicates", within=len(audit["duplicates_within"]), across=len(audit["duplicates_across"]), skipped=len(audit["skipped_files"]),
     ), ""]
@@ -131,7 +133,7 @@ def protocol_section(ctx: Context) -> list[str]:
         if len(audit["duplicates_across"]) > MAX_LISTED_GROUPS:
             lines.append(f"- … (+{len(audit['duplicates_across']) - MAX_LISTED_GROUPS})")
         lines.append("")
-    lines += [t("protocol_weights", backbone=parent.params.get("backbone", "?"), weights=parent.params.get("weights", "?"), size=parent.params.get("image_size", "?")), ""]
+    lines += [t("protocol_weights", backbone=parent.param("backbone"), weights=parent.param("weights"), size=parent.param("image_size")), ""]
 
     splits = ("train", "val", "test")
     rows = [[name] + [t.integer(audit["counts"][split][name]) for split in splits] for name in audit["classes"]]

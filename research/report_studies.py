@@ -9,28 +9,13 @@ import optuna
 
 from research import plots
 from research.report import Context, format_params, markdown_table, weights_cell
-from research.report_runs import RunRecord, Sweep
+from research.report_runs import RunRecord, Sweep, best_trial, objective_value
 
 # Trial params that Optuna never searches: settings shared by every trial of a sweep, and the
 # head's ``stable`` result, which is logged as a param.
 SHARED_PARAMS = frozenset({"backbone", "weights", "image_size", "seed", "precision", "layer", "feature_cache_key", "stable"})
 CURVE_METRICS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 ENVIRONMENT_ARTIFACT = "environment.json"
-
-
-def objective_value(trial: RunRecord) -> float | None:
-    """Return the value a trial gave Optuna: the head's accuracy at its best epoch, else ``val_accuracy``."""
-    return trial.metrics.get("val_accuracy_at_best_epoch", trial.metrics.get("val_accuracy"))
-
-
-def best_trial(sweep: Sweep) -> RunRecord | None:
-    """Return the trial the parent names as best, else the one with the highest objective value."""
-    number = sweep.parent.params.get("best_trial_number")
-    for trial in sweep.trials:
-        if number is not None and str(trial.trial_number) == number:
-            return trial
-    scored = [trial for trial in sweep.trials if objective_value(trial) is not None]
-    return max(scored, key=lambda trial: (objective_value(trial), -trial.trial_number), default=None)
 
 
 def _best_of(trials: list[RunRecord]) -> RunRecord | None:
@@ -206,7 +191,7 @@ def _ranking(ctx: Context) -> list[str]:
         parent = sweep.parent
         best = {k.removeprefix("best_"): v for k, v in parent.params.items() if k.startswith("best_") and k != "best_trial_number"}
         config = format_params({k: v for k, v in best.items() if k in ("pooling", "classifier", "svm_C", "fc_width", "dropout", "learning_rate")}, t)
-        n_seeds = len(ctx.store.history(parent.run_id, "test_accuracy_seed")) or parent.params.get("seeds", "?")
+        n_seeds = len(ctx.store.history(parent.run_id, "test_accuracy_seed")) or parent.param("seeds")
         std = parent.metrics.get("test_accuracy_std")
         rows.append([f"`{sweep.study}`", config, t.percent(parent.metrics["test_accuracy_mean"]), t.percent(std) if std is not None and math.isfinite(std) else "-", str(n_seeds), weights_cell(parent, t)])
     headers = [t("col_study"), t("col_best_config"), t("col_mean"), t("col_std"), t("col_seeds"), t("col_weights")]

@@ -27,7 +27,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "fr": "**Attention : poids aléatoires.** Le réseau de {runs} a été initialisé au hasard (`weights_random=True`) et non pré-entraîné sur ImageNet. Ses taux de réussite valident la chaîne de traitement ; ils ne mesurent pas l'apprentissage par transfert.",
     },
     "random_mark": {"en": "random weights", "fr": "poids aléatoires"},
-    "random_note": {"en": "**Random weights** in {runs}: these accuracies do not measure ImageNet transfer.", "fr": "**Poids aléatoires** dans {runs} : ces taux ne mesurent pas le transfert depuis ImageNet."},
+    "random_note": {
+        "en": "**Random weights** in {runs}: the backbone was not pre-trained, so these results do not measure ImageNet transfer.",
+        "fr": "**Poids aléatoires** dans {runs} : le réseau n'a pas été pré-entraîné, ces résultats ne mesurent donc pas le transfert depuis ImageNet.",
+    },
     "source": {"en": "Source: {runs}.", "fr": "Source : {runs}."},
     "no_runs": {"en": "No tracked runs for this part yet: {what}", "fr": "Aucun run suivi pour cette partie pour l'instant : {what}"},
     "lab_figure": {"en": "lab's figure", "fr": "chiffre du TP"},
@@ -42,7 +45,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "col_test": {"en": "test accuracy", "fr": "taux en test"},
     "col_run": {"en": "parent run", "fr": "run parent"},
     # 1. Layers.
-    "h_layers": {"en": "1. VGG16's layers and parameters", "fr": "1. Les couches de VGG16 et leurs paramètres"},
+    "h_layers": {"en": "1. {model}'s layers and parameters", "fr": "1. Les couches de {model} et leurs paramètres"},
     "layers_intro": {
         "en": "Layers of `{model}` that own parameters, and its pooling layers, computed from the model at sweep time for a {size}×{size} input (artifact `model/layers.json` of run `{run}`).",
         "fr": "Couches de `{model}` qui portent des paramètres, et ses couches de pooling, calculées à partir du modèle au moment du balayage pour une entrée de {size}×{size} (artefact `model/layers.json` du run `{run}`).",

@@ -246,13 +246,15 @@ def test_importances_two_params() -> None:
     assert importances(trials) == values
 
 
-def _log_run(client: MlflowClient, experiment_id: str, params: dict, metrics: dict, tags: dict, series: dict | None = None) -> str:
+def _log_run(
+    client: MlflowClient, experiment_id: str, params: dict, metrics: dict, tags: dict, series: dict | None = None, status: str = "FINISHED"
+) -> str:
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     batch = [Metric(k, float(v), 0, 0) for k, v in metrics.items()]
     for key, values in (series or {}).items():
         batch += [Metric(key, float(v), 0, step) for step, v in enumerate(values)]
     client.log_batch(run_id, metrics=batch, params=[Param(k, str(v)) for k, v in params.items()], tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    client.set_terminated(run_id)
+    client.set_terminated(run_id, status=status)
     return run_id
 
 
@@ -266,16 +268,21 @@ def test_report_pooling_and_width_sections(isolated_stores: dict, tmp_path: Path
         parent_metrics[f"{pooling}_images_per_second"] = 50.0 if pooling == "max" else 45.0
         parent_metrics.update({f"{pooling}_act_mean_pool{k}": scale * k for k in range(1, 6)})
     parent_id = _log_run(
-        client, experiment_id, {"study": "pooling", "classifier": "head", "backbone": "vgg16", "weights": "x.safetensors", "best_trial_number": 1, "best_pooling": "max"},
+        client, experiment_id,
+        {"study": "pooling", "classifier": "head", "backbone": "vgg16", "weights": "/raw/x.safetensors", "resolved_weights": "x.safetensors", "best_trial_number": 1, "best_pooling": "max"},
         parent_metrics, study, {"max_extract_batch_seconds": [0.5, 0.7], "lp1_extract_batch_seconds": [0.6, 0.8]},
     )
+    trial_tags = {**study, "mlflow.parentRunId": parent_id}
+    # An earlier failed run of trial 0 (a resumed sweep retries it) and a pruned trial 3.
+    _log_run(client, experiment_id, {"pooling": "lp1"}, {}, {**trial_tags, "optuna.trial_number": 0}, status="FAILED")
+    _log_run(client, experiment_id, {"pooling": "avg"}, {"val_accuracy": 0.1}, {**trial_tags, "optuna.trial_number": 3}, status="KILLED")
     values = {0: ("lp1", 1024, 0.3, 0.1), 1: ("max", 1024, 0.9, 0.2), 2: ("max", 4096, 0.8, 0.2)}
     for number, (pooling, width, accuracy, dropout) in values.items():
         _log_run(
             client, experiment_id,
             {"pooling": pooling, "fc_width": width, "dropout": dropout, "classifier": "head", "learning_rate": 0.01, "stable": pooling == "max"},
             {"val_accuracy_at_best_epoch": accuracy, "best_epoch": 1},
-            {**study, "mlflow.parentRunId": parent_id, "optuna.trial_number": number},
+            {**trial_tags, "optuna.trial_number": number},
             {"train_loss": [2.0, 1.0, 0.5], "val_loss": [2.1, 1.2, 0.9], "train_accuracy": [0.5, accuracy + 0.05, 0.99],
              "val_accuracy": [0.4, accuracy, accuracy - 0.01], "train_batch_seconds": [0.01, 0.03]},
         )
@@ -294,3 +301,5 @@ def test_report_pooling_and_width_sections(isolated_stores: dict, tmp_path: Path
     assert "figures/fc-width-curves-" in width
     assert "No tracked runs" not in width
     assert "**Warning: random weights.**" not in text
+    assert "/raw/x.safetensors" not in text
+    assert "Trial runs per state: COMPLETE 3, PRUNED 1." in _section(text, "## 8.")
