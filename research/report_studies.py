@@ -40,6 +40,12 @@ def _classifier(trial: RunRecord, sweep: Sweep) -> str:
     return trial.params.get("classifier", sweep.classifier)
 
 
+def _sweep_heading(ctx: Context, sweep: Sweep) -> list[str]:
+    """Return a sub-heading naming a sweep's backbone and weights, as several sweeps may share a section."""
+    weights = ctx.text("random_mark") if sweep.parent.weights_random else sweep.parent.param("weights")
+    return [f"### `{sweep.parent.param('backbone')}`, {weights} (`{sweep.study}`)", ""]
+
+
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -51,6 +57,7 @@ def svm_section(ctx: Context) -> list[str]:
     if not sweeps:
         return lines + ctx.missing("svm_missing")
     for sweep in sweeps:
+        lines += _sweep_heading(ctx, sweep)
         trials = [trial for trial in sweep.trials if trial.param_float("svm_C") is not None and objective_value(trial) is not None]
         best = best_trial(sweep)
         layer = best.params.get("layer", "relu7") if best else "relu7"
@@ -68,9 +75,8 @@ def svm_section(ctx: Context) -> list[str]:
                 [t("row_lab_bow"), t.percent(0.736, 1), t("lab_figure")],
             ]
             lines += markdown_table([t("col_source"), t("col_accuracy"), t("col_weights")], rows, right={1})
-            lines += ["", t("svm_lab")]
         lines += ctx.sources([sweep.parent, *trials]) + [""]
-    return lines
+    return lines + [t("svm_lab")]
 
 
 def _curves(ctx: Context, trial: RunRecord) -> dict[str, list[tuple[int, float]]]:
@@ -84,6 +90,7 @@ def fc_width_section(ctx: Context) -> list[str]:
     if not sweeps:
         return lines + ctx.missing("fc_width_missing") + ["", t("fc_width_lab")]
     for sweep in sweeps:
+        lines += _sweep_heading(ctx, sweep)
         classifiers = sorted({_classifier(trial, sweep) for trial in sweep.trials if "fc_width" in trial.params})
         lines += [t("fc_width_intro", study=sweep.study_name, classifier=", ".join(classifiers)), ""]
         rows, curves, used = [], {}, []
@@ -205,6 +212,7 @@ def pooling_section(ctx: Context) -> list[str]:
     if not sweeps:
         lines += ctx.missing("pooling_missing") + [""]
     for sweep in sweeps:
+        lines += _sweep_heading(ctx, sweep)
         lines += [t("pooling_intro", study=sweep.study_name), ""]
         rows, used = _pooling_rows(ctx, sweep)
         headers = [
@@ -270,7 +278,7 @@ def optuna_section(ctx: Context) -> list[str]:
     for sweep in ctx.sweeps:
         scored = [trial for trial in sweep.trials if objective_value(trial) is not None]
         best = best_trial(sweep)
-        lines += [f"### `{sweep.study}`", ""]
+        lines += _sweep_heading(ctx, sweep)
         if not scored or best is None:
             lines += ctx.missing("optuna_missing") + [""]
             continue
