@@ -130,10 +130,11 @@ def _levers(record: dict) -> str:
     if not levers:
         return ""
     plain = record["item2"]["plain"]["images_per_second"]
+    levers_stamp = record["item2"].get("levers_measured_at") or record["item2"].get("measured_at", "?")
     lines = [
         "## Levers, one at a time",
         "",
-        "Backbone alone on one decoded batch of 32 (no decoding), images/s:",
+        f"Measured {levers_stamp}. Backbone alone on one decoded batch of 32 (no decoding), images/s:",
         "",
         "| configuration | images/s | best | load |",
         "|---|---|---|---|",
@@ -166,7 +167,8 @@ def _details(record: dict) -> str:
             f"Extraction, items 1 and 2: {item2['plain']['images']} images of the dataset, spread over classes and splits, "
             f"{item2['image_size']} px, {item2['backbone']} with random weights (the speed does not depend on the weight values). "
             f"Repetitions: {len(project['seconds'])}; loads: plain {_loads(item2['plain'])}, project {_loads(project)}. "
-            f"The two loops alternate in each repetition. Peak resident memory of extraction (model creation, bf16 cast and one pass): {_gib(project['peak_rss_bytes'])}, "
+            + ("The two loops alternate in each repetition. " if item2.get("alternating") else "The plain loop ran first, then the project's. ")
+            + f"Peak resident memory of extraction (model creation, bf16 cast and one pass): {_gib(project['peak_rss_bytes'])}, "
             f"{_gib(project['rss_increase_bytes'])} above the process before it."
         )
     item3 = record.get("item3")

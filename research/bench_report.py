@@ -89,6 +89,7 @@ def run_extraction_items(config: BenchConfig, paths: list[Path]) -> dict:
         "plain": plain,
         "project": project,
         "speedup": project["images_per_second"] / plain["images_per_second"],
+        "alternating": True,
         "backbone": config.backbone,
         "image_size": config.image_size,
     }
@@ -182,8 +183,13 @@ def _read_record(path: Path) -> dict:
 def _run_item(item: int, config: BenchConfig, paths: list[Path], root: Path, record: dict) -> dict | None:
     if item == 2:
         result = run_extraction_items(config, paths)
+        stored = record.get("item2", {})
         if config.levers:
             result["levers"] = run_levers(config, paths)
+        elif "levers" in stored:
+            # A run without levers keeps the stored lever table and says when it was measured.
+            result["levers"] = stored["levers"]
+            result["levers_measured_at"] = stored.get("levers_measured_at", stored.get("measured_at"))
         return result
     if item == 3:
         images_per_second = record.get("item2", {}).get("project", {}).get("images_per_second")
