@@ -11,6 +11,7 @@ import io
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -72,12 +73,12 @@ def _grid_shape(count: int) -> tuple[int, int]:
     return math.ceil(count / columns), columns
 
 
-def _mosaic(tiles: np.ndarray, gap: int) -> np.ndarray:
-    """Lay out (count, height, width[, 3]) tiles in a near-square grid with ``gap`` white pixels between."""
+def _mosaic(tiles: np.ndarray, gap: int, fill: float) -> np.ndarray:
+    """Lay out (count, height, width[, 3]) tiles in a near-square grid, ``gap`` pixels of ``fill`` between."""
     count, height, width = tiles.shape[:3]
     rows, columns = _grid_shape(count)
     shape = (rows * (height + gap) - gap, columns * (width + gap) - gap, *tiles.shape[3:])
-    mosaic = np.ones(shape, dtype=np.float32)
+    mosaic = np.full(shape, fill, dtype=np.float32)
     for index in range(count):
         row, column = divmod(index, columns)
         top, left = row * (height + gap), column * (width + gap)
@@ -96,7 +97,12 @@ def _grid_figure(tiles: np.ndarray, title: str, cmap: str | None) -> Figure:
     figure = Figure(figsize=(columns * 1.0, rows * 1.0 + 0.5), layout="constrained")
     figure.suptitle(title)
     ax = figure.subplots()
-    ax.imshow(_mosaic(tiles, gap), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="antialiased")
+    if cmap is None:
+        ax.imshow(_mosaic(tiles, gap, 1.0), interpolation="antialiased")
+    else:
+        # Gaps are NaN, drawn white by the colour map's "bad" colour, so no map value can look like a gap.
+        colours = matplotlib.colormaps[cmap].with_extremes(bad="white")
+        ax.imshow(_mosaic(tiles, gap, np.nan), cmap=colours, vmin=0.0, vmax=1.0, interpolation="antialiased")
     ax.set_axis_off()
     for index in range(count):
         row, column = divmod(index, columns)

@@ -134,3 +134,16 @@ def test_featuremaps_logs_run(tmp_path: Path, isolated_stores: dict) -> None:
 def test_featuremaps_rejects_quantile(isolated_stores: dict) -> None:
     with pytest.raises(ValueError, match="quantile=1.5"):
         run_featuremaps(["any.jpg"], backbone="resnet18", weights="none", quantile=1.5)
+
+
+def test_mosaic_gaps_are_fill() -> None:
+    from research.plots import _mosaic
+
+    tiles = np.zeros((3, 4, 4), dtype=np.float32)
+    mosaic = _mosaic(tiles, gap=2, fill=np.nan)
+
+    assert mosaic.shape == (10, 10)  # 3 tiles in a 2 x 2 grid
+    assert np.isnan(mosaic[4:6, :]).all()
+    assert np.isnan(mosaic[:, 4:6]).all()
+    assert (mosaic[:4, :4] == 0).all()
+    assert np.isnan(mosaic[6:, 6:]).all()  # the fourth cell has no tile
