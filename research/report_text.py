@@ -173,8 +173,8 @@ STRINGS: dict[str, dict[str, str]] = {
     # 7. Pooling.
     "h_pooling": {"en": "7. Pooling layers", "fr": "7. Couches de pooling"},
     "pooling_intro": {
-        "en": "The five max-pooling layers replaced by each variant, features re-extracted, then the head trained (study `{study}`). Timings are per batch on the hardware of section 9.",
-        "fr": "Les cinq couches de max-pooling remplacées par chaque variante, caractéristiques ré-extraites, puis tête entraînée (étude `{study}`). Les durées sont par lot, sur le matériel de la section 9.",
+        "en": "Every max-pooling layer replaced by each variant, features re-extracted, then each classifier trained on them (study `{study}`); one row per pooling and classifier, its best trial. Timings are per batch on the hardware of section 9.",
+        "fr": "Chaque couche de max-pooling remplacée par chaque variante, caractéristiques ré-extraites, puis chaque classifieur entraîné dessus (étude `{study}`) ; une ligne par pooling et par classifieur, pour son meilleur essai. Les durées sont par lot, sur le matériel de la section 9.",
     },
     "pooling_missing": {"en": "no finished sweep whose trials log `pooling`.", "fr": "aucun balayage terminé dont les essais enregistrent `pooling`."},
     "col_pooling": {"en": "pooling", "fr": "pooling"},
