@@ -297,7 +297,7 @@ def optuna_section(ctx: Context) -> list[str]:
         if len(values) >= 2:
             lines += [ctx.figure(plots.importance_figure(values, sweep.study_name, t), f"optuna-importance-{sweep.parent.run_id[:8]}", t("fig_importance_title", study=sweep.study)), ""]
             rows = [[f"`{name}`", t.number(value, 3)] for name, value in values.items()]
-            lines += markdown_table(["param", t("fig_importance")], rows, right={1})
+            lines += markdown_table([t("col_param"), t("fig_importance")], rows, right={1})
         else:
             lines += [t("optuna_importance_single" if values else "optuna_importance_none")]
         lines += ctx.sources([sweep.parent, best]) + [""]

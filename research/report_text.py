@@ -218,6 +218,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "fig_best_so_far": {"en": "best so far", "fr": "meilleur jusqu'ici"},
     "fig_importance_title": {"en": "Parameter importances (fANOVA): {study}", "fr": "Importance des paramètres (fANOVA) : {study}"},
     "fig_importance": {"en": "importance", "fr": "importance"},
+    "col_param": {"en": "param", "fr": "paramètre"},
     "optuna_missing": {"en": "no finished sweep.", "fr": "aucun balayage terminé."},
     # 9. Environment.
     "h_environment": {"en": "9. Environment", "fr": "9. Environnement"},
