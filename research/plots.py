@@ -1,8 +1,8 @@
 """Matplotlib figures of the report and of the predict and feature-map commands, saved reproducibly.
 
 Figures are built on ``matplotlib.figure.Figure`` (no pyplot, so no global state and no GUI
-backend) and saved as 256-colour PNG without metadata: the same data gives the same bytes on the
-same matplotlib and Pillow versions, and the committed reports stay a few hundred kB per figure.
+backend) and saved as 256-colour PNG without metadata. The same data gives the same bytes on the
+same matplotlib and Pillow versions, and a committed figure stays under about 700 kB.
 """
 
 from __future__ import annotations

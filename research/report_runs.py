@@ -61,7 +61,7 @@ class RunRecord:
     def param(self, key: str, default: str = "?") -> str:
         """Return a param, preferring ``resolved_<key>``.
 
-        Under ``mlflow run`` the parent run already holds the raw ``-P`` text (``weights=none``),
+        Under ``mlflow run`` the parent run already contains the raw ``-P`` text (``weights=none``),
         so the sweep logs the resolved value (``random``) as ``resolved_<key>``.
         """
         return self.params.get(f"resolved_{key}", self.params.get(key, default))
