@@ -105,9 +105,9 @@ def prepare_model(model: nn.Module, device: torch.device, precision: str) -> nn.
     """Move the model to ``device`` in eval mode; for bf16, cast its weights and use channels_last.
 
     The model is changed in place (and returned), so forward hooks registered on its modules keep
-    working. bf16 casts the weights themselves rather than running under autocast: on a 2-core
-    AMX CPU, autocast re-cast VGG16's 138 M fp32 weights on every batch and ran at about 5 images/s,
-    against about 30 with bf16 weights (``research bench``, torch 2.14.1).
+    working. bf16 casts the weights themselves rather than running under autocast, which keeps the
+    fp32 weights and a bf16 copy of each. On a 2-core AMX CPU shared with other jobs, VGG16 with
+    bf16 weights ran about 13 % faster than under autocast, alternating the two (torch 2.14.1).
     """
     model = model.to(device).eval()
     if precision == "bf16":
