@@ -127,7 +127,7 @@ def test_cli_help_states_units() -> None:
 def test_mlflow_run_entry_point(presplit_tree: Path, isolated_stores: dict, tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "mlflow", "run", str(REPO_ROOT), "-e", "sweep", "--env-manager", "local",
-        "--experiment-name", "mlproject-test",
+        "--experiment-name", "mlproject-test", "-P", "study=svm",
         "-P", f"data_dir={presplit_tree}", "-P", "weights=none", "-P", "image_size=32", "-P", "n_trials=2",
         "-P", f"storage={isolated_stores['storage']}", "-P", f"cache_dir={isolated_stores['cache_dir']}",
     ]
