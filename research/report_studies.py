@@ -53,7 +53,11 @@ def _mean(values: list[float]) -> float | None:
 def svm_section(ctx: Context) -> list[str]:
     t = ctx.text
     lines = [f"## {t('h_svm')}", ""]
-    sweeps = [sweep for sweep in ctx.sweeps if sweep.classifier == "svm"]
+    # Studies that also search the pooling or the classifier (full.yaml, pooling.yaml) go to section 7.
+    sweeps = [
+        sweep for sweep in ctx.sweeps
+        if sweep.classifier == "svm" and len(_varying(sweep.trials, "pooling")) <= 1 and _varying(sweep.trials, "classifier") in ([], ["svm"])
+    ]
     if not sweeps:
         return lines + ctx.missing("svm_missing")
     for sweep in sweeps:
