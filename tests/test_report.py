@@ -269,7 +269,7 @@ def test_report_pooling_and_width_sections(isolated_stores: dict, tmp_path: Path
         parent_metrics.update({f"{pooling}_act_mean_pool{k}": scale * k for k in range(1, 6)})
     parent_id = _log_run(
         client, experiment_id,
-        {"study": "pooling", "classifier": "svm", "backbone": "vgg16", "weights": "/raw/x.safetensors", "resolved_weights": "x.safetensors", "best_trial_number": 1, "best_pooling": "max"},
+        {"study": "pooling", "classifier": "svm", "backbone": "vgg16", "weights": "/raw/x.safetensors", "resolved_weights": "x.safetensors", "best_trial_number": 1, "best_pooling": "max", "best_classifier": "head"},
         parent_metrics, study, {"max_extract_batch_seconds": [0.5, 0.7], "lp1_extract_batch_seconds": [0.6, 0.8]},
     )
     trial_tags = {**study, "mlflow.parentRunId": parent_id}
