@@ -295,11 +295,13 @@ def optuna_section(ctx: Context) -> list[str]:
         states = ctx.store.trial_states(sweep.study_name)
         if states:
             lines += [t("optuna_states", states=", ".join(f"{state} {count}" for state, count in states.items())), ""]
-        figure = plots.history_figure([trial.trial_number for trial in scored], [objective_value(trial) for trial in scored], True, sweep.study_name, "val_accuracy", t)
+        # Full Optuna study names overflow a figure title; the text above gives them.
+        label = f"{sweep.study}, {sweep.parent.param('backbone')}"
+        figure = plots.history_figure([trial.trial_number for trial in scored], [objective_value(trial) for trial in scored], True, label, "val_accuracy", t)
         lines += [ctx.figure(figure, f"optuna-history-{sweep.parent.run_id[:8]}", t("fig_history_title", study=sweep.study)), ""]
         values = importances(scored)
         if len(values) >= 2:
-            lines += [ctx.figure(plots.importance_figure(values, sweep.study_name, t), f"optuna-importance-{sweep.parent.run_id[:8]}", t("fig_importance_title", study=sweep.study)), ""]
+            lines += [ctx.figure(plots.importance_figure(values, label, t), f"optuna-importance-{sweep.parent.run_id[:8]}", t("fig_importance_title", study=sweep.study)), ""]
             rows = [[f"`{name}`", t.number(value, 3)] for name, value in values.items()]
             lines += markdown_table([t("col_param"), t("fig_importance")], rows, right={1})
         else:
