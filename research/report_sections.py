@@ -12,8 +12,8 @@ MAX_LISTED_GROUPS = 10
 
 
 def _preferred(ctx: Context, artifact: str) -> tuple[Sweep, dict] | None:
-    """Return the first sweep holding ``artifact``, VGG16 sweeps and then SVM studies first."""
-    order = sorted(ctx.sweeps, key=lambda s: (s.parent.param("backbone") != "vgg16", s.classifier != "svm"))
+    """Return the first sweep holding ``artifact``: full-data sweeps first, then VGG16 ones, then SVM studies."""
+    order = sorted(ctx.sweeps, key=lambda s: ((s.parent.param_float("limit_per_class") or 0) > 0, s.parent.param("backbone") != "vgg16", s.classifier != "svm"))
     for sweep in order:
         data = ctx.store.artifact_json(sweep.parent.run_id, artifact)
         if data is not None:

@@ -23,8 +23,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "fr": "Rapport produit par `research report` à partir des runs suivis (expériences MLflow : {experiment} ; balayages terminés : {n_sweeps}). Chaque nombre ci-dessous provient d'un run suivi ; chaque tableau indique ses runs sources.",
     },
     "random_banner": {
-        "en": "**Warning: random weights.** The backbone of {runs} was randomly initialised (`weights_random=True`), not pre-trained on ImageNet. Its accuracies check the pipeline; they do not measure transfer learning.",
-        "fr": "**Attention : poids aléatoires.** Le réseau de {runs} a été initialisé au hasard (`weights_random=True`) et non pré-entraîné sur ImageNet. Ses taux de réussite valident la chaîne de traitement ; ils ne mesurent pas l'apprentissage par transfert.",
+        "en": "**Warning: random weights.** The backbone of {runs} was randomly initialised (`weights_random=True`), not pre-trained on ImageNet. These runs check the pipeline and do not measure transfer learning.",
+        "fr": "**Attention : poids aléatoires.** Le réseau de {runs} a été initialisé au hasard (`weights_random=True`) et non pré-entraîné sur ImageNet. Ces runs valident la chaîne de traitement et ne mesurent pas l'apprentissage par transfert.",
     },
     "random_mark": {"en": "random weights", "fr": "poids aléatoires"},
     "random_note": {
