@@ -94,8 +94,9 @@ def _grid_figure(tiles: np.ndarray, title: str, cmap: str | None) -> Figure:
     count, height, width = tiles.shape[:3]
     rows, columns = _grid_shape(count)
     gap = max(1, height // 16)
-    figure = Figure(figsize=(columns * 1.0, rows * 1.0 + 0.5), layout="constrained")
-    figure.suptitle(title)
+    # At least 8 inches wide, so that the title fits over a grid of few columns (32 maps: 6).
+    figure = Figure(figsize=(max(columns * 1.0, 8.0), rows * 1.0 + 0.5), layout="constrained")
+    figure.suptitle(title, fontsize=11)
     ax = figure.subplots()
     if cmap is None:
         ax.imshow(_mosaic(tiles, gap, 1.0), interpolation="antialiased")
