@@ -126,7 +126,8 @@ class FeatureProvider:
             tracking.log_series(self._client, run_id, "extract_batch_seconds", batch_seconds)
             tracking.set_tags(self._client, run_id, {"feature_extracted_here": True, "feature_cache_hit": entry.hit})
         stats = entry.manifest.get("activation_stats", {})
-        if not stats:
+        # An empty dict is normal for backbones without pooling layers; a missing key marks an old entry.
+        if "activation_stats" not in entry.manifest:
             log.warning(
                 "Feature cache entry %s has no activation statistics because it was written before they were recorded. "
                 "Delete that folder to re-extract it with them.", entry.path,
