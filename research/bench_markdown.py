@@ -179,6 +179,11 @@ def _details(record: dict) -> str:
             "VGG16 at 224 px is 15.5 GMAC, about 31 GFLOP. The ceiling is the measured square matmul throughput in torch "
             "(oneDNN), not the datasheet peak of the AMX units."
         )
+        if item3.get("fraction_of_bf16", 0) > 1:
+            parts[-1] += (
+                " A share above 100 % means that the ceiling was under-measured: the matmul and the extraction ran at "
+                f"different moments (matmul loads {_loads(item3['bf16'])}), and on a shared machine their loads differ."
+            )
     item4 = record.get("item4")
     if item4:
         agreement = item4.get("agreement", {})
