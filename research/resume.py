@@ -140,13 +140,6 @@ def sweep_parent_run(client: MlflowClient, experiment_name: str, run_name: str, 
 
     run_id = _claim_parent(client, experiment_name, run_name, study_name)
     log.info("MLflow parent run %s (tracking URI %s).", run_id, tracking.redact_url(mlflow.get_tracking_uri()))
-    try:
+    with tracking.terminate_on_exit(client, run_id):
         yield run_id
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, status="KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
 

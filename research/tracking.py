@@ -174,13 +174,20 @@ def parent_run(client: MlflowClient, experiment_name: str, run_name: str):
         owned = True
     log.info("MLflow parent run %s (tracking URI %s).", run_id, redact_url(mlflow.get_tracking_uri()))
 
-    try:
+    with terminate_on_exit(client, run_id, finish=owned):
         yield run_id
+
+
+@contextmanager
+def terminate_on_exit(client: MlflowClient, run_id: str, finish: bool = True):
+    """End the run KILLED on Ctrl-C, FAILED on any other exception, and FINISHED if ``finish`` on success."""
+    try:
+        yield
     except KeyboardInterrupt:
         client.set_terminated(run_id, status="KILLED")
         raise
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-    if owned:
+    if finish:
         client.set_terminated(run_id, status="FINISHED")
