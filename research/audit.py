@@ -58,6 +58,18 @@ def _read_image(path) -> tuple[str, str, str, str]:
         ) from error
 
 
+def _raise_unreadable(errors: list[DatasetError], shown: int = 20) -> None:
+    """Raise one error that lists every unreadable image, so a user can fix them all at once."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    lines = [f"- {error}" for error in errors[:shown]]
+    if len(errors) > shown:
+        lines.append(f"- ... and {len(errors) - shown} more")
+    raise DatasetError(f"{len(errors)} images cannot be read; replace or delete them:\n" + "\n".join(lines))
+
+
 def audit_dataset(dataset: Dataset, progress=None) -> Audit:
     """Read every image of the dataset once and summarise it.
 
@@ -77,9 +89,14 @@ def audit_dataset(dataset: Dataset, progress=None) -> Audit:
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     digests: dict[str, str] = {}
 
+    unreadable: list[DatasetError] = []
     for split in SPLITS:
         for sample in dataset.split(split):
-            file_digest, pixel_digest, size, mode = _read_image(sample.path)
+            try:
+                file_digest, pixel_digest, size, mode = _read_image(sample.path)
+            except DatasetError as error:
+                unreadable.append(error)
+                continue
             counts[split][dataset.classes[sample.label]] += 1
             sizes[size] += 1
             modes[mode] += 1
@@ -88,6 +105,8 @@ def audit_dataset(dataset: Dataset, progress=None) -> Audit:
             digests[rel] = file_digest
             if progress is not None:
                 progress(1)
+
+    _raise_unreadable(unreadable)
 
     within, across = [], []
     for members in groups.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from rich.console import Console
@@ -26,6 +27,12 @@ log = logging.getLogger("research")
 
 # Errors whose message already names the value at fault and the fix: shown without a traceback.
 USER_ERRORS = (DatasetError, WeightsError, StudyConfigError, FeatureError, ui.UiError, WorkerError, ValueError, ConnectionError, FileNotFoundError, PermissionError)
+
+
+def _print_result(result: dict) -> None:
+    """Print a command's result as strict JSON; NaN (a std over one seed, say) becomes null."""
+    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in result.items()}
+    Console().print_json(json.dumps(clean))
 
 
 def _whole_number(text: str) -> int:
@@ -66,13 +73,13 @@ def _config(args: argparse.Namespace) -> SweepConfig:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(_config(args))
-    Console().print_json(json.dumps(result))
+    _print_result(result)
     return 0
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     result = run_extract(_config(args))
-    Console().print_json(json.dumps(result))
+    _print_result(result)
     return 0
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +36,9 @@ from research import tracking
 from research.studies import StudyConfig, make_pruner, make_sampler
 
 log = logging.getLogger(__name__)
+
+# Index of a worker process started by ``research sweep --workers N``, set in its environment.
+WORKER_ENV = "RESEARCH_WORKER_INDEX"
 
 JOURNAL_PREFIX = "journal://"
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
@@ -122,6 +127,23 @@ def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
     )
 
 
+def _rdb_storage_with_retry(url: str, heartbeat_seconds: int, attempts: int = 5) -> BaseStorage:
+    """Open a server database, retrying when another worker is creating Optuna's tables at the same moment.
+
+    NOTE: two processes that create the tables of a fresh PostgreSQL database at once make one of
+    them fail with a unique-constraint violation on ``pg_type``; a retry finds the tables made.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _rdb_storage(url, heartbeat_seconds)
+        except sqlalchemy.exc.IntegrityError as error:
+            if attempt == attempts:
+                raise
+            log.info("Optuna storage tables are being created by another worker (%s); retry %d of %d.", type(error.orig).__name__, attempt, attempts - 1)
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
 def open_storage(url: str, heartbeat_seconds: int = 60) -> BaseStorage:
     """Connect to the Optuna storage, creating its tables or file on first use.
 
@@ -154,7 +176,7 @@ def open_storage(url: str, heartbeat_seconds: int = 60) -> BaseStorage:
 
     try:
         if database is None:
-            return _rdb_storage(url, heartbeat_seconds)
+            return _rdb_storage_with_retry(url, heartbeat_seconds)
         with store_lock(database):
             return _rdb_storage(url, heartbeat_seconds)
     except ImportError as error:
@@ -185,6 +207,12 @@ def prepare_study(config, study_config: StudyConfig, study_name: str) -> optuna.
         direction=study_config.direction,
         load_if_exists=True,
     )
+    # A resumed study or a second worker must not replay the first draws of the same seed, so the
+    # sampler's seed is offset by the trials already stored (and by the process for parallel workers).
+    offset = len(study.get_trials(deepcopy=False))
+    if os.environ.get(WORKER_ENV):
+        offset += 1000 * int(os.environ[WORKER_ENV])
+    study.sampler = make_sampler(study_config, config.seed + offset)
     # optuna-dashboard shows this name in place of "Objective 0"; it matches the MLflow metric.
     study.set_metric_names([OBJECTIVE_METRIC])
     optuna.storages.fail_stale_trials(study)

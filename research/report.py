@@ -10,7 +10,9 @@ exist yet states it instead of failing. The same runs give byte-identical files.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,15 +172,29 @@ def write_report(experiment: str, out: str | Path | None = None, lang: str = "en
     text = Text(lang)
     out_dir = Path(out) if out else Path("reports") / "+".join(experiment_names(experiment))
     store = RunStore(client or MlflowClient(), experiment)
-    try:
-        # Figures of an earlier report in this language may no longer be produced: remove them first.
-        for stale in sorted((out_dir / FIGURES_DIR).glob(f"*.{text.lang}.png")):
-            stale.unlink()
-        markdown, figures = build_report(store, lang, out_dir)
-    finally:
-        store.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The report is built in a temporary sibling folder and moved into place only once it is
+    # complete, so a failed run leaves an earlier report and its figures untouched.
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as staging:
+        try:
+            markdown, figures = build_report(store, lang, Path(staging))
+        finally:
+            store.close()
+        _replace_figures(Path(staging) / FIGURES_DIR, out_dir / FIGURES_DIR, text.lang)
+
     path = out_dir / REPORT_FILES[lang]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown, encoding="utf-8")
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(markdown, encoding="utf-8")
+    os.replace(partial, path)
     log.info("Wrote %s with %d figures.", path, len(figures))
     return path
+
+
+def _replace_figures(new_dir: Path, figures_dir: Path, lang: str) -> None:
+    """Swap this language's figures for the new ones; figures an earlier report made and this one does not are removed."""
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(figures_dir.glob(f"*.{lang}.png")):
+        stale.unlink()
+    if new_dir.is_dir():
+        for figure in sorted(new_dir.iterdir()):
+            os.replace(figure, figures_dir / figure.name)

@@ -175,7 +175,8 @@ class RunStore:
         if not parents:
             raise ReportError(
                 f"MLflow experiment '{self.experiment}' has no finished sweep (a top-level run with a 'study' param and "
-                "status FINISHED). Run `research sweep` or `mlflow run . -e sweep` first, and let it finish."
+                "status FINISHED). Run `research sweep` or `mlflow run . -e sweep --experiment-name NAME` first and let it "
+                "finish, or pass the experiment that holds your sweeps (`mlflow run` without --experiment-name uses 'Default')."
             )
         latest: dict[str, RunRecord] = {}
         for parent in parents:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 
@@ -10,6 +11,8 @@ import optuna
 from research import plots
 from research.report import Context, format_params, markdown_table, weights_cell
 from research.report_runs import RunRecord, Sweep, best_trial, objective_value
+
+log = logging.getLogger(__name__)
 
 # Trial params that Optuna never searches: settings shared by every trial of a sweep, and the
 # head's ``stable`` result, which is logged as a param.
@@ -273,7 +276,12 @@ def importances(trials: list[RunRecord]) -> dict[str, float]:
             params[name] = raw if isinstance(distribution, optuna.distributions.CategoricalDistribution) else float(raw)
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=objective_value(trial)))
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, normalize=True))
+    try:
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator, normalize=True))
+    except RuntimeError as error:
+        # fANOVA raises when every trial has the same value ("zero total variance").
+        log.info("No parameter importances: %s", error)
+        return {}
 
 
 def optuna_section(ctx: Context) -> list[str]:

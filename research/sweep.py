@@ -87,7 +87,9 @@ def default_study_name(config: SweepConfig, weights: Weights, audit: Audit) -> s
 
     data = cache_key({"files": sorted(audit.file_digests.items())})[:8]
     limit = f"-limit{config.limit_per_class}" if config.limit_per_class else ""
-    return f"{config.study}-{config.backbone}-{weights.kind}-{config.image_size}px{limit}-seed{config.seed}-data{data}"
+    # Two checkpoint files give different trials, so a file's digest is part of the name.
+    source = f"file{weights.digest[:8]}" if weights.kind == "file" else weights.kind
+    return f"{config.study}-{config.backbone}-{source}-{config.image_size}px{limit}-seed{config.seed}-data{data}"
 
 
 def _extract_cached(

@@ -103,7 +103,9 @@ def run_worker_processes(config, study_name: str, parent_run_id: str) -> None:
         env.pop("MLFLOW_RUN_ID", None)
         log.info("Starting %d workers on study '%s'.", config.workers, study_name)
         processes = [
-            subprocess.Popen([sys.executable, "-m", "research.workers", str(config_path), str(index)], env=env)
+            subprocess.Popen(
+                [sys.executable, "-m", "research.workers", str(config_path), str(index)], env={**env, optimize.WORKER_ENV: str(index)}
+            )
             for index in range(config.workers)
         ]
         try:

@@ -69,3 +69,13 @@ def test_audit_command_prints_table(presplit_tree: Path, capsys: pytest.CaptureF
 def test_audit_command_missing_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert main(["audit", str(tmp_path / "missing")]) == 2
     assert "does not exist" in caplog.text
+
+
+def test_audit_lists_every_unreadable_image(presplit_tree: Path) -> None:
+    (presplit_tree / "test" / "coast" / "empty.jpg").write_bytes(b"")
+    (presplit_tree / "train" / "Coast" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+
+    with pytest.raises(DatasetError, match="2 images cannot be read") as error:
+        audit_dataset(load_dataset(presplit_tree, seed=0))
+    assert "empty.jpg" in str(error.value)
+    assert "broken.jpg" in str(error.value)

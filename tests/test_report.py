@@ -304,3 +304,23 @@ def test_report_pooling_and_width_sections(isolated_stores: dict, tmp_path: Path
     assert "/raw/x.safetensors" not in text
     assert "No tracked runs for this part yet" in _section(text, "## 5.")  # pooling is searched, so not an SVM-only study
     assert "Trial runs per state: COMPLETE 3, PRUNED 1." in _section(text, "## 8.")
+
+
+def test_importances_equal_values_empty() -> None:
+    trials = [_trial(i, {"svm_C": 10 ** (i % 5 - 3), "pooling": ("max", "avg")[i % 2]}, 0.25) for i in range(8)]
+
+    assert importances(trials) == {}
+
+
+def test_failed_report_keeps_figures(isolated_stores: dict, tmp_path: Path) -> None:
+    figures = tmp_path / "out" / "figures"
+    figures.mkdir(parents=True)
+    earlier = figures / "svm-C.en.png"
+    earlier.write_bytes(b"an earlier figure")
+    client = MlflowClient()
+    client.create_experiment("no-sweep-yet")
+
+    with pytest.raises(ReportError):
+        write_report("no-sweep-yet", tmp_path / "out", "en")
+
+    assert earlier.read_bytes() == b"an earlier figure"

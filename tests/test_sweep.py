@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from research import sweep as sweep_module
 from research.cli import main
-from research.sweep import SweepConfig, run_sweep
+from research.audit import Audit
+from research.backbone import Weights
+from research.sweep import SweepConfig, default_study_name, run_sweep
 from tests.conftest import REPO_ROOT, require_scene_data
 
 
@@ -142,3 +144,23 @@ def test_mlflow_run_entry_point(presplit_tree: Path, isolated_stores: dict, tmp_
     assert parents[0].info.status == "FINISHED"
     assert "test_accuracy" in parents[0].data.metrics
     assert len(runs) == 3
+
+
+def test_resume_draws_new_params(presplit_tree: Path, isolated_stores: dict) -> None:
+    first = run_sweep(_config(presplit_tree, isolated_stores, n_trials=2, study="svm"))
+    run_sweep(_config(presplit_tree, isolated_stores, n_trials=4, study="svm"))
+
+    study = optuna.load_study(study_name=first["study_name"], storage=isolated_stores["storage"])
+    values = [trial.params["svm_C"] for trial in study.trials]
+    assert len(values) == 4
+    assert len(set(values)) == 4
+
+
+def test_study_name_has_weights_digest() -> None:
+    audit = Audit("root", "pre-split", [], {}, {}, {}, [], [], [], file_digests={"a.jpg": "0" * 64})
+    config = SweepConfig(data_dir="root", backbone="resnet18")
+    first = Weights("a.safetensors", "file", "a", "1" * 64)
+    second = Weights("b.safetensors", "file", "b", "2" * 64)
+
+    assert default_study_name(config, first, audit) != default_study_name(config, second, audit)
+    assert "file11111111" in default_study_name(config, first, audit)
