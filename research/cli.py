@@ -140,14 +140,17 @@ def _add_ui_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="research", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="research",
+        description="Transfer learning from a timm backbone to 15 Scene: cached features, Optuna studies tracked in MLflow, and a report.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sweep = commands.add_parser("sweep", help="Run an Optuna study on cached backbone features, tracked in MLflow.")
     _add_run_options(sweep)
     sweep.add_argument("--study", default=SweepConfig.study, help="Study file name in sweeps/, without .yaml (default: %(default)s).")
-    sweep.add_argument("--seeds", type=_whole_number, default=SweepConfig.seeds, help="Seeds the best configuration is refit and tested with (default: %(default)s).")
+    sweep.add_argument("--seeds", type=_whole_number, default=SweepConfig.seeds, help="Number of seeds (seed, seed+1, ...) the best configuration is refit and tested with (default: %(default)s).")
     sweep.add_argument("--max-epochs", type=_whole_number, default=0, help="Maximum epochs of the MLP head, overriding the study file; 0 keeps the file's value (default: 0).")
     sweep.add_argument("--n-trials", type=_whole_number, default=20, help="Finished trials the study must reach; a re-run resumes (default: %(default)s).")
     sweep.add_argument(
