@@ -53,7 +53,7 @@ start_test_services() {
     until python -c "import urllib.request; urllib.request.urlopen('$RESEARCH_TEST_MLFLOW_URI/health', timeout=2)" 2>/dev/null; do
         waited=$((waited + 1))
         if [ "$waited" -gt 120 ] || ! kill -0 "$MLFLOW_SERVER_PID" 2>/dev/null; then
-            echo "mlflow server did not answer on $RESEARCH_TEST_MLFLOW_URI; its log:" >&2
+            echo "mlflow server did not respond on $RESEARCH_TEST_MLFLOW_URI; its log:" >&2
             cat "$SERVICES_DIR/mlflow.log" >&2
             return 1
         fi

@@ -18,7 +18,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Audit:
-    """What the audit found; every field is JSON-serialisable."""
+    """Findings of the data audit; every field is JSON-serialisable."""
 
     root: str
     layout: str

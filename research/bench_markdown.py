@@ -25,7 +25,9 @@ def _loads(result: dict) -> str:
 
 
 def _met(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("yes" if ok else "no")
+    if ok is None:
+        return "n/a"
+    return "yes" if ok else "no"
 
 
 def _gib(value: float) -> str:

@@ -187,7 +187,7 @@ def _run_item(item: int, config: BenchConfig, paths: list[Path], root: Path, rec
         if config.levers:
             result["levers"] = run_levers(config, paths)
         elif "levers" in stored:
-            # A run without levers keeps the stored lever table and says when it was measured.
+            # A run without levers keeps the stored lever table and states when it was measured.
             result["levers"] = stored["levers"]
             result["levers_measured_at"] = stored.get("levers_measured_at", stored.get("measured_at"))
         return result

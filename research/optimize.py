@@ -130,8 +130,8 @@ def _rdb_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
 def _rdb_storage_with_retry(url: str, heartbeat_seconds: int, attempts: int = 5) -> BaseStorage:
     """Open a server database, retrying when another worker is creating Optuna's tables at the same moment.
 
-    NOTE: two processes that create the tables of a fresh PostgreSQL database at once make one of
-    them fail with a unique-constraint violation on ``pg_type``; a retry finds the tables made.
+    NOTE: when two processes create the tables of a fresh PostgreSQL database at once, one of them
+    fails with a unique-constraint violation on ``pg_type``. A retry then finds the tables made.
     """
     for attempt in range(1, attempts + 1):
         try:

@@ -52,7 +52,7 @@ def class_names(model: nn.Module) -> list[str]:
 def top_classes(logits: torch.Tensor, names: list[str], k: int) -> list[dict]:
     """Turn one picture's logits into its ``k`` most probable classes.
 
-    Each entry holds ``index``, ``label`` (the first name of the class), ``description`` (every
+    Each entry contains ``index``, ``label`` (the first name of the class), ``description`` (every
     name timm gives the class) and ``probability`` (softmax).
     """
     probabilities = logits.float().softmax(dim=-1)

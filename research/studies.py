@@ -257,7 +257,7 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
 
 
 def make_sampler(config: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """Build the Optuna sampler the study file asks for, seeded."""
+    """Build the Optuna sampler that the study file requests, seeded."""
     options = {k: v for k, v in config.sampler.items() if k != "type"}
     kind = config.sampler["type"]
     if kind == "random":
