@@ -6,6 +6,9 @@ timm's VGG computes fc6 and fc7 as convolutions in ``pre_logits`` (``fc1``: 512 
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,6 +18,8 @@ VGG_FC_WIDTH = 4096
 # Fresh fc layers are initialised from this fixed seed, so that the feature cache entry of a width
 # is the same whatever the sweep's seed.
 FRESH_FC_SEED = 0
+# Rows of pool5 features per fc6/fc7 pass when relu7 is computed from cached pool5 features.
+POOL5_BATCH = 256
 
 
 def set_fc_width(model: nn.Module, width: int, keep_pretrained: bool = True) -> bool:
@@ -44,3 +49,36 @@ def set_fc_width(model: nn.Module, width: int, keep_pretrained: bool = True) -> 
         mlp.fc2 = nn.Conv2d(width, width, kernel_size=1, bias=True)
     mlp.out_features = width
     return False
+
+
+def relu7_from_pool5(
+    model: nn.Module, pool5: np.ndarray, *, device: torch.device, precision: str, batch_size: int = POOL5_BATCH
+) -> tuple[np.ndarray, list[float]]:
+    """Run a timm VGG's fc6 and fc7 on cached pool5 features; return relu7 and the seconds of each batch.
+
+    Only fc6 and fc7 differ between FC-width variants, so their relu7 features follow from the
+    pool5 features of the same pooling without running the convolutions again. The result equals
+    a full pass: pool5 is reshaped to the feature map it was flattened from, and the layers run in
+    the same precision as the extraction (bf16 values stored as float32 convert back exactly).
+
+    Raises:
+        ValueError: The model is not a timm VGG, or ``pool5`` does not match its channel count.
+    """
+    if not is_vgg(model):
+        raise ValueError(f"relu7 from pool5 needs a timm VGG, not {type(model).__name__}.")
+    channels = model.pre_logits.fc1.in_channels
+    side = int(round((pool5.shape[1] / channels) ** 0.5))
+    if channels * side * side != pool5.shape[1]:
+        raise ValueError(f"pool5 features of width {pool5.shape[1]} are not {channels} square feature maps.")
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    parts, seconds = [], []
+    with torch.inference_mode():
+        for start in range(0, pool5.shape[0], batch_size):
+            began = time.perf_counter()
+            maps = torch.from_numpy(pool5[start : start + batch_size]).to(device=device, dtype=dtype)
+            relu7 = model.forward_head(maps.view(-1, channels, side, side), pre_logits=True)
+            parts.append(relu7.float().cpu().numpy())
+            seconds.append(time.perf_counter() - began)
+    return np.concatenate(parts), seconds

@@ -223,6 +223,29 @@ def prepare_study(config, study_config: StudyConfig, study_name: str) -> optuna.
     return study
 
 
+def _has_combination(trial: FrozenTrial, combination: dict) -> bool:
+    """Tell whether a trial drew, or was enqueued with, every value of ``combination``."""
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    return all(params.get(name) == value for name, value in combination.items())
+
+
+def enqueue_cover(study: optuna.Study, study_config: StudyConfig) -> int:
+    """Enqueue one trial per ``cover`` combination that no trial of the study has yet; return how many.
+
+    Failed trials do not count, so a combination whose trial failed is enqueued again on resume.
+    NOTE: two processes that start the same new study at the same moment may both enqueue a
+    combination; ``--workers N`` avoids it, since only its first process calls this.
+    """
+    combinations = study_config.cover_combinations() if study_config.cover else []
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
+    missing = [combo for combo in combinations if not any(_has_combination(t, combo) for t in trials)]
+    for combo in missing:
+        study.enqueue_trial(combo, user_attrs={"cover": True})
+    if missing:
+        log.info("Study '%s': %d of %d %s combinations enqueued first.", study.study_name, len(missing), len(combinations), " x ".join(study_config.cover))
+    return len(missing)
+
+
 def trial_counts(study: optuna.Study) -> dict[str, int]:
     """Count the study's trials per state name (COMPLETE, PRUNED, FAIL, RUNNING, WAITING)."""
     counts = {state.name: 0 for state in TrialState}

@@ -18,6 +18,11 @@ classifier is either the top-level ``classifier`` or a searched categorical ``pa
 ``pruner`` selects an Optuna pruner for classifiers that report per epoch (the head)::
 
     pruner: {type: median, n_startup_trials: 3, n_warmup_steps: 5}
+
+``cover`` lists categorical parameters whose every combination gets one trial first; the sampler
+draws the other parameters of those trials, and the trials after them as usual::
+
+    cover: [pooling, classifier]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ PRUNERS = ("none", "median", "percentile", "hyperband", "successive_halving", "t
 SAMPLERS = ("tpe", "random", "grid")
 PARAM_TYPES = ("float", "int", "categorical")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TOP_KEYS = {"description", "classifier", "layer", "sampler", "pruner", "params", "fixed", "direction"}
+_TOP_KEYS = {"description", "classifier", "layer", "sampler", "pruner", "params", "fixed", "direction", "cover"}
 
 
 class StudyConfigError(ValueError):
@@ -85,6 +90,7 @@ class StudyConfig:
     sampler: dict = field(default_factory=dict)
     pruner: dict = field(default_factory=dict)
     direction: str = "maximize"
+    cover: tuple[str, ...] = ()
 
     def suggest(self, trial: optuna.Trial) -> dict:
         """Draw the searched parameters that apply to ``trial`` and add the fixed ones and ``classifier``."""
@@ -97,6 +103,14 @@ class StudyConfig:
     def layer_for(self, classifier: str) -> str:
         """Return the feature layer a classifier trains on: the file's ``layer``, else its default."""
         return self.layer or DEFAULT_LAYERS[classifier]
+
+    def cover_combinations(self) -> list[dict]:
+        """Return every combination of the ``cover`` parameters' choices, in the file's order."""
+        specs = {spec.name: spec for spec in self.params}
+        grid = [{}]
+        for name in self.cover:
+            grid = [{**combo, name: choice} for combo in grid for choice in specs[name].choices]
+        return grid
 
     def classifiers(self) -> tuple[str, ...]:
         """Return every classifier that trials of this study may use."""
@@ -196,6 +210,7 @@ def load_study(name: str, sweeps_dir: Path = SWEEPS_DIR) -> StudyConfig:
     if direction not in ("maximize", "minimize"):
         raise StudyConfigError(f"{path}: direction = {direction!r} is invalid; use maximize or minimize.")
     _check_pooling(params, raw.get("fixed") or {}, path)
+    cover = _parse_cover(raw.get("cover"), params, path)
 
     return StudyConfig(
         name=path.stem,
@@ -208,7 +223,25 @@ def load_study(name: str, sweeps_dir: Path = SWEEPS_DIR) -> StudyConfig:
         sampler=dict(sampler),
         pruner=pruner,
         direction=direction,
+        cover=cover,
     )
+
+
+def _parse_cover(raw, params: tuple[ParamSpec, ...], path: Path) -> tuple[str, ...]:
+    """Validate ``cover``: a list of searched categorical parameters that apply to every trial."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(name, str) for name in raw):
+        raise StudyConfigError(f"{path}: cover must be a list of parameter names, for example [pooling, classifier]; got {raw!r}.")
+    specs = {spec.name: spec for spec in params}
+    for name in raw:
+        spec = specs.get(name)
+        if spec is None or spec.type != "categorical" or spec.when:
+            raise StudyConfigError(
+                f"{path}: cover names {name!r}, which is not a categorical parameter drawn in every trial. "
+                f"Use names from params with type categorical and no 'when'."
+            )
+    return tuple(raw)
 
 
 def _check_pooling(params: tuple[ParamSpec, ...], fixed: dict, path: Path) -> None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 
@@ -19,11 +20,11 @@ from research.audit import Audit, audit_dataset, audit_markdown
 from research.backbone import Weights, create_backbone, data_config, resolve_weights, select_device
 from research.cache import CacheEntry, ensure_writable, load_or_build
 from research.data import Dataset, load_dataset
-from research.fc_width import set_fc_width
+from research.fc_width import POOL5_BATCH, relu7_from_pool5, set_fc_width
 from research.layers import log_layer_table
 from research.features import FeatureError, extract_features, feature_layers, resolve_layer, resolve_precision, split_arrays
 from research.objectives import TrainSettings, classifier_params, make_objective
-from research.optimize import prepare_study, run_study
+from research.optimize import enqueue_cover, prepare_study, run_study
 from research.resume import sweep_parent_run
 from research.pooling import ActivationStats, swap_pooling
 from research.seeds import run_seed_repeats
@@ -117,6 +118,8 @@ def _extract_cached(
         swap_pooling(model, variant.pooling)
         if variant.fc_width is not None:
             set_fc_width(model, variant.fc_width, keep_pretrained=False)
+            base = _extract_cached(config, dataset, audit, weights, Variant(variant.pooling))[0]
+            return _derive_fc_width(model, base, device, precision)
         with ActivationStats().attach(model) as stats:
             try:
                 extraction = extract_features(
@@ -142,6 +145,25 @@ def _extract_cached(
         return extraction.arrays, extra
 
     return load_or_build(Path(config.cache_dir), fields, build), precision
+
+
+def _derive_fc_width(model, base: CacheEntry, device, precision: str) -> tuple[dict, dict]:
+    """Compute an FC-width variant's relu7 from the pool5 features of its pooling (see ``relu7_from_pool5``)."""
+    start = time.perf_counter()
+    relu7, batch_seconds = relu7_from_pool5(model, base.arrays["pool5"], device=device, precision=precision)
+    seconds = time.perf_counter() - start
+    if not np.isfinite(relu7).all():
+        raise FeatureError(f"relu7 features computed from cache entry {base.key} contain NaN or infinite values. Re-run with precision=fp32.")
+    log.info("relu7 of fc width %d computed from the cached pool5 features in %.1f s.", model.pre_logits.fc2.out_channels, seconds)
+    extra = {
+        "activation_stats": base.manifest.get("activation_stats", {}),
+        "batch_seconds": batch_seconds,
+        "batch_size": POOL5_BATCH,
+        "images_per_second": len(relu7) / seconds,
+        "layers": ["relu7"],
+        "derived_from": base.key,
+    }
+    return {"relu7": relu7}, extra
 
 
 def _features(entry: CacheEntry, dataset: Dataset, layer: str, variant: Variant = Variant()) -> Features:
@@ -177,7 +199,9 @@ def run_sweep(config: SweepConfig) -> dict:
         task = progress.add_task("audit", total=len(dataset.train) + len(dataset.val) + len(dataset.test))
         audit = audit_dataset(dataset, progress=lambda n: progress.advance(task, n))
     study_name = config.study_name or default_study_name(config, weights, audit)
-    prepare_study(config, study_config, study_name)
+    study = prepare_study(config, study_config, study_name)
+    if not config.parent_run_id:
+        enqueue_cover(study, study_config)
 
     parent_name = f"sweep {config.study} {config.backbone}"
     with sweep_parent_run(client, config.experiment, parent_name, study_name, worker_of=config.parent_run_id) as parent_id:

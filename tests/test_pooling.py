@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import timm
 import torch
 from torch import nn
 
-from research.fc_width import set_fc_width
+from research.fc_width import relu7_from_pool5, set_fc_width
 from research.pooling import (
     ActivationStats,
     Fp32LPPool2d,
@@ -181,3 +183,27 @@ def test_fc_width_4096_keeps_weights(vgg_state: dict) -> None:
 def test_fc_width_rejects_non_vgg() -> None:
     with pytest.raises(ValueError, match="applies only to VGG"):
         set_fc_width(timm.create_model("tf_efficientnet_lite0", pretrained=False), 1024)
+
+
+@pytest.mark.parametrize(("size", "precision"), [(64, "fp32"), (224, "bf16")])
+def test_relu7_from_pool5_equals_a_full_pass(vgg_state: dict, size: int, precision: str) -> None:
+    model = _vgg(vgg_state)
+    set_fc_width(model, 48, keep_pretrained=False)
+    images = torch.rand(3, 3, size, size)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = model.to(dtype)
+    with torch.inference_mode():
+        conv = model.forward_features(images.to(dtype))
+        full = model.forward_head(conv, pre_logits=True).float().numpy()
+    pool5 = conv.flatten(1).float().numpy()
+
+    derived, seconds = relu7_from_pool5(model, pool5, device=torch.device("cpu"), precision=precision, batch_size=2)
+
+    assert derived.shape == (3, 48)
+    assert len(seconds) == 2
+    assert derived == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+def test_relu7_from_pool5_rejects_other_widths(vgg_state: dict) -> None:
+    with pytest.raises(ValueError, match="not 512 square feature maps"):
+        relu7_from_pool5(_vgg(vgg_state), np.zeros((2, 1000), np.float32), device=torch.device("cpu"), precision="fp32")

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from research import sweep as sweep_module
 from research.cache import CacheEntry
 from research.objectives import MLFLOW_RUN_ID_ATTR, TrainSettings, make_objective
+from research.optimize import enqueue_cover
 from research.studies import StudyConfigError, load_study, make_pruner
 from research.sweep import SweepConfig, run_sweep
 from research.variants import FeatureProvider, Features, Variant
@@ -202,3 +203,86 @@ def test_pooling_sweep_extracts_once_per_pooling(
     assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(values.mean())
     assert parent.data.metrics["test_accuracy_std"] == pytest.approx(values.std(ddof=1))
     assert parent.data.params["seeds"] == "3"
+
+
+def test_cover_enqueues_each_combination_once(tmp_path: Path) -> None:
+    _write_study(tmp_path, "covered", SMALL_POOLING_STUDY + "cover: [pooling, classifier]\n")
+    config = load_study("covered", tmp_path)
+    study = optuna.create_study(direction="maximize")
+
+    first = enqueue_cover(study, config)
+    again = enqueue_cover(study, config)
+    drawn = []
+    study.optimize(lambda trial: drawn.append(config.suggest(trial)) or 0.5, n_trials=4)
+
+    assert first == 4
+    assert again == 0
+    assert sorted((p["pooling"], p["classifier"]) for p in drawn) == [("lp1", "head"), ("lp1", "svm"), ("max", "head"), ("max", "svm")]
+    assert all(("svm_C" in p) == (p["classifier"] == "svm") for p in drawn)
+    assert enqueue_cover(study, config) == 0
+
+
+def test_cover_enqueues_a_failed_combination_again(tmp_path: Path) -> None:
+    _write_study(tmp_path, "covered", SMALL_POOLING_STUDY + "cover: [pooling]\n")
+    config = load_study("covered", tmp_path)
+    study = optuna.create_study(direction="maximize")
+    enqueue_cover(study, config)
+
+    def objective(trial: optuna.Trial) -> float:
+        if config.suggest(trial)["pooling"] == "lp1":
+            raise RuntimeError("this trial fails on purpose")
+        return 0.5
+
+    study.optimize(objective, n_trials=2, catch=(RuntimeError,))
+
+    assert config.cover_combinations() == [{"pooling": "max"}, {"pooling": "lp1"}]
+    assert enqueue_cover(study, config) == 1
+    assert study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0].system_attrs["fixed_params"] == {"pooling": "lp1"}
+
+
+@pytest.mark.parametrize("cover", ["[svm_C]", "[learning_rate]", "[nothing]", "pooling"])
+def test_cover_rejects_names_it_cannot_enumerate(tmp_path: Path, cover: str) -> None:
+    _write_study(tmp_path, "bad", SMALL_POOLING_STUDY + f"cover: {cover}\n")
+
+    with pytest.raises(StudyConfigError, match="cover"):
+        load_study("bad", tmp_path)
+
+
+FC_WIDTH_STUDY = """
+description: Two fresh FC widths and VGG's own, SVM on relu7, for tests.
+classifier: fc_width_svm
+layer: relu7
+sampler: {type: random}
+cover: [fc_width]
+params:
+  fc_width: {type: categorical, choices: [16, 32, 4096]}
+  svm_C: {type: float, low: 0.01, high: 1.0, log: true}
+fixed: {pooling: max, fc_pretrained: true, normalize: standard}
+"""
+
+
+def test_fc_width_sweep_runs_the_convolutions_once(
+    presplit_tree: Path, isolated_stores: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweeps = _write_study(tmp_path / "sweeps", "smallfc", FC_WIDTH_STUDY)
+    monkeypatch.setattr(sweep_module, "load_study", lambda name: load_study(name, sweeps))
+    extracted = []
+    real_extract = sweep_module.extract_features
+    monkeypatch.setattr(sweep_module, "extract_features", lambda *a, **k: extracted.append(1) or real_extract(*a, **k))
+    config = SweepConfig(
+        data_dir=str(presplit_tree), study="smallfc", n_trials=3, backbone="vgg16", weights="none", image_size=32,
+        storage=isolated_stores["storage"], cache_dir=isolated_stores["cache_dir"], experiment="test-fc",
+        num_workers=0, batch_size=8, seeds=1,
+    )
+    result = run_sweep(config)
+    client = MlflowClient()
+    parent = client.get_run(result["parent_run_id"])
+    children = {child.data.params["fc_width"]: child for child in _children(client, parent.info.run_id)}
+
+    assert len(extracted) == 1
+    assert set(children) == {"16", "32", "4096"}
+    assert children["16"].data.tags["fc_init"] == "fresh"
+    assert children["4096"].data.tags["fc_init"] == "pretrained"
+    assert parent.data.metrics["max_fc16_images_per_second"] > 0
+    assert parent.data.metrics["max_fc32_act_max_pool5"] == parent.data.metrics["max_act_max_pool5"]
+    assert 0.0 <= children["32"].data.metrics["val_accuracy"] <= 1.0
