@@ -234,7 +234,7 @@ def enqueue_cover(study: optuna.Study, study_config: StudyConfig) -> int:
 
     Failed trials do not count, so a combination whose trial failed is enqueued again on resume.
     NOTE: two processes that start the same new study at the same moment may both enqueue a
-    combination; ``--workers N`` avoids it, since only its first process calls this.
+    combination. ``--workers N`` avoids it because only its first process calls this.
     """
     combinations = study_config.cover_combinations() if study_config.cover else []
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
