@@ -17,6 +17,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_SECONDS = 5.0
+# How error messages name the option, for both `research` and `mlflow run` users.
+WEIGHTS_OPTION = "the weights option (--weights, or -P weights=... under mlflow run)"
 # weights=none draws the random initialisation from this fixed seed, so two runs (and the feature
 # cache shared between them) see the same random backbone whatever the sweep's seed.
 RANDOM_INIT_SEED = 0
@@ -100,12 +102,12 @@ def resolve_weights(model_name: str, request: str) -> Weights:
         cfg = timm.models.get_pretrained_cfg(model_name)
         cfg_dict = cfg.to_dict() if cfg is not None else {}
         if not (cfg_dict.get("hf_hub_id") or cfg_dict.get("url")):
-            raise WeightsError(f"timm has no pretrained weights for '{model_name}'. Use weights=PATH or weights=none.")
+            raise WeightsError(f"timm has no pretrained weights for '{model_name}'. Set {WEIGHTS_OPTION} to a checkpoint path or to none.")
         if not _hub_weights_cached(cfg_dict) and not _hub_reachable(cfg_dict):
             raise WeightsError(
                 f"weights=imagenet: the pretrained weights of '{model_name}' cannot be downloaded "
                 f"({cfg_dict.get('hf_hub_id') or cfg_dict.get('url')}: no network and not in the local "
-                "hub cache). Pass weights=PATH with a local checkpoint file, or weights=none for random "
+                f"hub cache). Set {WEIGHTS_OPTION} to a local checkpoint file, or to none for random "
                 "initialisation."
             )
         tag = cfg_dict.get("hf_hub_id") or f"{model_name}.{cfg_dict.get('tag', '')}"
@@ -114,8 +116,8 @@ def resolve_weights(model_name: str, request: str) -> Weights:
     path = Path(request).expanduser()
     if not path.is_file():
         raise WeightsError(
-            f"Weights file {path} does not exist. Pass weights=PATH with an existing checkpoint, "
-            "weights=imagenet for the hub weights, or weights=none for random initialisation."
+            f"Weights file {path} does not exist. Set {WEIGHTS_OPTION} to an existing checkpoint, "
+            "to imagenet for the hub weights, or to none for random initialisation."
         )
     digest = file_sha256(path)
     return Weights(str(path.resolve()), "file", f"{path.name}@{digest[:12]}", digest)
@@ -143,7 +145,7 @@ def create_backbone(model_name: str, weights: Weights) -> nn.Module:
     except (RuntimeError, OSError, ValueError, KeyError) as error:
         raise WeightsError(
             f"Loading weights '{weights.request}' into '{model_name}' failed: {error}. Check that the file "
-            "is a checkpoint of this model, or use weights=none."
+            f"is a checkpoint of this model, or set {WEIGHTS_OPTION} to none."
         ) from error
 
     log.info("Backbone %s created with weights %s.", model_name, weights.label)

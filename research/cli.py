@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)],
     )
-    for noisy in ("alembic", "urllib3", "PIL", "filelock"):
+    # timm's checkpoint loader logs "Loaded  from checkpoint" with an empty key for safetensors
+    # files (timm 1.0.31); research.backbone logs the loaded weights with their digest instead.
+    for noisy in ("alembic", "urllib3", "PIL", "filelock", "timm.models._helpers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     try:

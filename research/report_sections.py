@@ -50,16 +50,18 @@ def layers_section(ctx: Context) -> list[str]:
     return lines + ctx.sources([sweep.parent])
 
 
+def _command_artifacts(ctx: Context, command: str, artifact: str) -> list[tuple]:
+    """Return (run, parsed JSON artifact) for each finished run of a ``research`` command that has the artifact."""
+    pairs = [(run, ctx.store.artifact_json(run.run_id, artifact)) for run in ctx.store.command_runs(command)]
+    return [(run, data) for run, data in pairs if data]
+
+
 def predict_section(ctx: Context) -> list[str]:
     t = ctx.text
     lines = [f"## {t('h_predict')}", ""]
-    runs = ctx.store.command_runs("predict")
-    if not runs:
+    if not ctx.store.command_runs("predict"):
         return lines + ctx.missing("predict_missing")
-    for run in runs:
-        data = ctx.store.artifact_json(run.run_id, "predict/predictions.json")
-        if data is None:
-            continue
+    for run, data in _command_artifacts(ctx, "predict", "predict/predictions.json"):
         lines += [t("predict_intro", model=data["backbone"], weights=data["weights"]), ""]
         rows = []
         for record in data["images"]:
@@ -77,12 +79,10 @@ def predict_section(ctx: Context) -> list[str]:
 def featuremaps_section(ctx: Context) -> list[str]:
     t = ctx.text
     lines = [f"## {t('h_featuremaps')}", ""]
-    runs = ctx.store.command_runs("featuremaps")
-    if not runs:
+    if not ctx.store.command_runs("featuremaps"):
         return lines + ctx.missing("featuremaps_missing")
-    for run in runs:
-        data = ctx.store.artifact_json(run.run_id, "featuremaps/featuremaps.json")
-        if data is None or not data["images"]:
+    for run, data in _command_artifacts(ctx, "featuremaps", "featuremaps/featuremaps.json"):
+        if not data["images"]:
             continue
         first = data["images"][0]
         quantile = t.number(data["quantile"], 2)

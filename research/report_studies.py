@@ -44,9 +44,13 @@ def _classifier(trial: RunRecord, sweep: Sweep) -> str:
 
 
 def _sweep_heading(ctx: Context, sweep: Sweep) -> list[str]:
-    """Return a sub-heading naming a sweep's backbone and weights, as several sweeps may share a section."""
+    """Return a sub-heading naming a sweep's backbone, weights, study and parent run.
+
+    Several sweeps may share a section, and two sweeps may differ only by seed or data limit, so
+    the parent run's short id keeps every heading distinct.
+    """
     weights = ctx.text("random_mark") if sweep.parent.weights_random else sweep.parent.param("weights")
-    return [f"### `{sweep.parent.param('backbone')}`, {weights} (`{sweep.study}`)", ""]
+    return [f"### `{sweep.parent.param('backbone')}`, {weights} (`{sweep.study}`, `{sweep.parent.run_id[:8]}`)", ""]
 
 
 def _mean(values: list[float]) -> float | None:

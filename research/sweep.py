@@ -256,7 +256,9 @@ def run_sweep(config: SweepConfig) -> dict:
         )
         tracking.log_metrics(client, parent_id, {"sweep_seconds": time.perf_counter() - start})
 
-    return {"parent_run_id": parent_id, "study_name": study_name, "cache_hit": entry.hit, **metrics}
+    # cache_hit is the plain model's entry; variant_cache_hits covers every variant the trials used.
+    hits = {variant.prefix: cached.hit for variant, cached in provider.entries.items()}
+    return {"parent_run_id": parent_id, "study_name": study_name, "cache_hit": entry.hit, "variant_cache_hits": hits, **metrics}
 
 
 def _description(config: SweepConfig, study: StudyConfig, dataset: Dataset, weights: Weights, study_name: str) -> str:

@@ -31,7 +31,8 @@ def test_missing_weights_file_error(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="does not exist") as error:
         resolve_weights("vgg16", str(missing))
     assert str(missing) in str(error.value)
-    assert "weights=none" in str(error.value)
+    assert "--weights, or -P weights=" in str(error.value)
+    assert "to none for random initialisation" in str(error.value)
 
 
 def test_imagenet_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,8 +44,8 @@ def test_imagenet_offline_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 
     message = str(error.value)
     assert "cannot be downloaded" in message
-    assert "weights=PATH" in message
-    assert "weights=none" in message
+    assert "Set the weights option (--weights, or -P weights=... under mlflow run)" in message
+    assert "to a local checkpoint file, or to none" in message
 
 
 def test_random_init_is_repeatable() -> None:

@@ -182,7 +182,7 @@ def test_imagenet_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert "weights=imagenet" in str(error.value)
     assert "'vgg16' cannot be downloaded" in str(error.value)
-    assert "Pass weights=PATH with a local checkpoint file, or weights=none" in str(error.value)
+    assert "(--weights, or -P weights=... under mlflow run) to a local checkpoint file, or to none" in str(error.value)
     assert socket.create_connection is no_network
 
 

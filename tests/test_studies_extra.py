@@ -180,6 +180,7 @@ def test_pooling_sweep_extracts_once_per_pooling(
     poolings = {child.data.params["pooling"] for child in children}
 
     assert len(children) == 8
+    assert result["variant_cache_hits"] == {pooling: False for pooling in poolings | {"max"}}
     # The parent extracts max pooling up front; every other pooling is extracted once.
     assert sorted(extracted) == sorted({"MaxPool2d"} | {"Fp32LPPool2d" for p in poolings if p == "lp1"})
     for pooling in poolings | {"max"}:
