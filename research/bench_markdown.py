@@ -17,6 +17,7 @@ LEVER_LABELS = {
     "bf16": "bf16 weights, NCHW",
     "bf16_cl": "bf16 weights, channels_last (the project's path)",
     "bf16_cl_compiled": "bf16 weights, channels_last, torch.compile (inductor)",
+    "bf16_cl_frozen": "bf16 weights, channels_last, torch.jit.trace and freeze (weights reordered once)",
 }
 
 

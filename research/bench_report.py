@@ -107,6 +107,9 @@ def run_levers(config: BenchConfig, paths: list[Path]) -> dict:
         model, batch = model_for_mode(config.backbone, mode), batch_for_mode(batch32, mode)
         seconds = repeat(lambda: backbone_only_seconds(model, batch, mode, steps), config.repeats)
         levers["backbone_batch32"][mode] = _throughput(seconds, steps * 32)
+    model, batch = model_for_mode(config.backbone, "bf16_cl"), batch_for_mode(batch32, "bf16_cl")
+    seconds = repeat(lambda: backbone_only_seconds(model, batch, "bf16_cl", steps, frozen=True), config.repeats)
+    levers["backbone_batch32"]["bf16_cl_frozen"] = _throughput(seconds, steps * 32)
     if config.try_compile:
         model, batch = model_for_mode(config.backbone, "bf16_cl"), batch_for_mode(batch32, "bf16_cl")
         seconds = repeat(lambda: backbone_only_seconds(model, batch, "bf16_cl", steps, compiled=True), config.repeats)

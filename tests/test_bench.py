@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from mlflow.tracking import MlflowClient
 
+from research import bench
 from research.bench import BenchConfig, forward_gflop, matmul_gflops
 from research.bench_cli import _items
 from research.bench_report import run_bench
@@ -148,3 +150,18 @@ def test_bench_accuracy_item(presplit_tree: Path, isolated_stores: dict, tmp_pat
     assert item4["difference_points"] == pytest.approx(100 * (item4["bf16"]["test_accuracy"] - item4["fp32"]["test_accuracy"]))
     assert 0 < item4["agreement"]["relative_error"] < 0.5
     assert "| 4 | SVM study test accuracy" in output.read_text()
+
+
+def test_frozen_forward_matches_eager() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    batch = torch.rand(2, 3, 32, 32)
+
+    frozen = bench.frozen_forward(model, batch)
+    with torch.inference_mode():
+        eager = model.forward_head(model.forward_features(batch), pre_logits=True)
+        (traced,) = frozen(batch)
+
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    assert torch.allclose(traced, eager, atol=1e-5)
+    assert bench.backbone_only_seconds(model, batch, "fp32", steps=1, frozen=True) > 0
