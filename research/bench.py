@@ -94,21 +94,55 @@ class PeakRss:
         self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
 
 
-def summarize(seconds: list[float], load_before: float, load_after: float) -> dict:
-    """Return the median of timed repetitions, every value and the load averages around them."""
-    return {
+def _busy_cpu_seconds() -> float:
+    """Return the CPU seconds all cores have spent outside idle and I/O wait since boot."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _own_cpu_seconds() -> float:
+    """Return the CPU seconds of this process and its finished children (all threads)."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+class OtherCpu:
+    """Measure how many cores other processes kept busy, on average, during a ``with`` block.
+
+    Unlike the load average, this leaves out the benchmark's own threads, so a benchmark that
+    fills every core does not read as a shared machine.
+    """
+
+    def __enter__(self) -> OtherCpu:
+        self.cores = 0.0
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), _own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._start[0]
+        other = (_busy_cpu_seconds() - self._start[1]) - (_own_cpu_seconds() - self._start[2])
+        self.cores = max(other, 0.0) / wall if wall > 0 else 0.0
+
+
+def summarize(seconds: list[float], load_before: float, load_after: float, other_cores: float | None = None) -> dict:
+    """Return the median of timed repetitions, every value, the load averages and other processes' CPU use."""
+    result = {
         "median_seconds": statistics.median(seconds),
         "seconds": seconds,
         "load_before": load_before,
         "load_after": load_after,
     }
+    if other_cores is not None:
+        result["other_cores"] = round(other_cores, 3)
+    return result
 
 
 def repeat(run: Callable[[], float], repeats: int) -> dict:
     """Call ``run`` (which returns seconds) ``repeats`` times and summarize the timings."""
     load_before = load_average()
-    seconds = [run() for _ in range(repeats)]
-    return summarize(seconds, load_before, load_average())
+    with OtherCpu() as other:
+        seconds = [run() for _ in range(repeats)]
+    return summarize(seconds, load_before, load_average(), other.cores)
 
 
 def _throughput(result: dict, images: int) -> dict:

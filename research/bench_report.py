@@ -18,6 +18,7 @@ from research import tracking
 from research.backbone import create_backbone, data_config, resolve_weights
 from research.bench import (
     BenchConfig,
+    OtherCpu,
     PeakRss,
     _throughput,
     backbone_only_seconds,
@@ -76,12 +77,13 @@ def run_extraction_items(config: BenchConfig, paths: list[Path]) -> dict:
     # The two loops alternate, so that both see the same load on a shared machine.
     timings: dict[str, list[float]] = {"plain": [], "project": []}
     load_before = load_average()
-    for _ in range(config.repeats):
-        timings["plain"].append(plain_loop_seconds(plain_model, paths, cfg))
-        timings["project"].append(project_path_seconds(model, paths, cfg, **options))
+    with OtherCpu() as other:
+        for _ in range(config.repeats):
+            timings["plain"].append(plain_loop_seconds(plain_model, paths, cfg))
+            timings["project"].append(project_path_seconds(model, paths, cfg, **options))
     load_after = load_average()
-    plain = _throughput(summarize(timings["plain"], load_before, load_after), len(paths))
-    project = _throughput(summarize(timings["project"], load_before, load_after), len(paths))
+    plain = _throughput(summarize(timings["plain"], load_before, load_after, other.cores), len(paths))
+    project = _throughput(summarize(timings["project"], load_before, load_after, other.cores), len(paths))
     project["options"] = {**options, "precision": resolve_precision(options["precision"], torch.device("cpu"))}
     project["peak_rss_bytes"] = memory.peak_bytes
     project["rss_increase_bytes"] = memory.peak_bytes - memory.start_bytes
@@ -174,7 +176,7 @@ def run_bench(config: BenchConfig, output: Path) -> dict:
     record = {**_read_record(record_path), **measured, "environment": environment}
     output.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
-    output.write_text(render(record))
+    output.write_text(render(record, record_path.name))
     log.info("Wrote %s and %s.", output, record_path)
     return record
 

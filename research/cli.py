@@ -7,7 +7,9 @@ import json
 import logging
 import math
 import sys
+import warnings
 
+import optuna
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -196,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     # files (timm 1.0.31); research.backbone logs the loaded weights with their digest instead.
     for noisy in ("alembic", "urllib3", "PIL", "filelock", "timm.models._helpers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Heartbeats, metric names and stale-trial cleanup are marked experimental in Optuna 5.1; the
+    # warning repeats on every sweep and asks nothing of the user.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     try:
         return args.handler(args)

@@ -193,8 +193,18 @@ def write_report(experiment: str, out: str | Path | None = None, lang: str = "en
 def _replace_figures(new_dir: Path, figures_dir: Path, lang: str) -> None:
     """Swap this language's figures for the new ones; figures an earlier report made and this one does not are removed."""
     figures_dir.mkdir(parents=True, exist_ok=True)
-    for stale in sorted(figures_dir.glob(f"*.{lang}.png")):
-        stale.unlink()
+    new_names = {figure.name for figure in new_dir.iterdir()} if new_dir.is_dir() else set()
+    stale = sorted(figures_dir.glob(f"*.{lang}.png"))
+    dropped = [figure.name for figure in stale if figure.name not in new_names]
+    if dropped:
+        # A report is replaced as a whole: figures of runs that are not in this store any more go too.
+        log.warning(
+            "Replacing the report in %s: %d of its figures come from runs this report does not read and are removed (%s%s). "
+            "Pass --out to write the report elsewhere.",
+            figures_dir.parent, len(dropped), ", ".join(dropped[:3]), ", ..." if len(dropped) > 3 else "",
+        )
+    for figure in stale:
+        figure.unlink()
     if new_dir.is_dir():
         for figure in sorted(new_dir.iterdir()):
             os.replace(figure, figures_dir / figure.name)

@@ -80,6 +80,19 @@ class Sweep:
 
     parent: RunRecord
     trials: list[RunRecord] = field(default_factory=list)
+    # Finished parent runs of the same Optuna study before ``parent``, newest first (runs resumed by `mlflow run`).
+    earlier: list[RunRecord] = field(default_factory=list)
+
+    def variant_run(self, prefix: str) -> RunRecord:
+        """Return the newest parent run that recorded the extraction of variant ``prefix``, else ``parent``.
+
+        A resumed sweep extracts only what its cache lacks, so a variant's speed and activation
+        statistics may sit on an earlier parent run of the study.
+        """
+        for run in (self.parent, *self.earlier):
+            if f"{prefix}_images_per_second" in run.metrics:
+                return run
+        return self.parent
 
     @property
     def study(self) -> str:
@@ -178,10 +191,10 @@ class RunStore:
                 "status FINISHED). Run `research sweep` or `mlflow run . -e sweep --experiment-name NAME` first and let it "
                 "finish, or pass the experiment that holds your sweeps (`mlflow run` without --experiment-name uses 'Default')."
             )
-        latest: dict[str, RunRecord] = {}
+        by_study: dict[str, list[RunRecord]] = {}
         for parent in parents:
-            latest[parent.tags.get(STUDY_TAG) or parent.run_id] = parent
-        sweeps = [Sweep(parent, self._trials(parent)) for parent in latest.values()]
+            by_study.setdefault(parent.tags.get(STUDY_TAG) or parent.run_id, []).append(parent)
+        sweeps = [Sweep(runs[-1], self._trials(runs[-1]), runs[-2::-1]) for runs in by_study.values()]
         return sorted(sweeps, key=lambda sweep: (sweep.parent.start_time, sweep.parent.run_id))
 
     def _trials(self, parent: RunRecord) -> list[RunRecord]:

@@ -123,7 +123,8 @@ def protocol_section(ctx: Context) -> list[str]:
     ), ""]
     seeds = parent.param_float("seeds")
     if seeds:
-        lines += [t("protocol_seeds", n=int(seeds), seed=parent.param("seed")), ""]
+        key = "protocol_seeds" if int(seeds) > 1 else "protocol_one_seed"
+        lines += [t(key, n=int(seeds), seed=parent.param("seed")), ""]
     lines += [t(
         "protocol_duplicates", within=len(audit["duplicates_within"]), across=len(audit["duplicates_across"]), skipped=len(audit["skipped_files"]),
     ), ""]

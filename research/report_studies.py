@@ -149,8 +149,9 @@ def _pooling_rows(ctx: Context, sweep: Sweep) -> tuple[list[list[str]], list[Run
     rows, used = [], []
     parent = sweep.parent
     for pooling in _varying(sweep.trials, "pooling"):
-        extraction = _mean([value for _, value in ctx.store.history(parent.run_id, f"{pooling}_extract_batch_seconds")])
-        images_per_second = parent.metrics.get(f"{pooling}_images_per_second")
+        source = sweep.variant_run(pooling)
+        extraction = _mean([value for _, value in ctx.store.history(source.run_id, f"{pooling}_extract_batch_seconds")])
+        images_per_second = source.metrics.get(f"{pooling}_images_per_second")
         by_classifier = {}
         for trial in sweep.trials:
             if trial.params.get("pooling") == pooling:
@@ -182,12 +183,13 @@ def _pooling_rows(ctx: Context, sweep: Sweep) -> tuple[list[list[str]], list[Run
 
 
 def _activation_scales(sweep: Sweep) -> tuple[dict[str, list[float]], list[str]]:
-    """Read ``<pooling>_act_mean_poolK`` from the parent run, for the poolings the trials used."""
+    """Read ``<pooling>_act_mean_poolK`` from the parent run that extracted each pooling the trials used."""
     scales, layers = {}, []
     for pooling in _varying(sweep.trials, "pooling"):
+        metrics = sweep.variant_run(pooling).metrics
         values, k = [], 1
-        while f"{pooling}_act_mean_pool{k}" in sweep.parent.metrics:
-            value = sweep.parent.metrics[f"{pooling}_act_mean_pool{k}"]
+        while f"{pooling}_act_mean_pool{k}" in metrics:
+            value = metrics[f"{pooling}_act_mean_pool{k}"]
             # A log axis cannot show zero, negative, NaN or infinite values: they are left as gaps.
             values.append(value if math.isfinite(value) and value > 0 else math.nan)
             k += 1
@@ -230,7 +232,9 @@ def pooling_section(ctx: Context) -> list[str]:
             t("col_pooling"), "classifier", t("col_best_trial"), t("col_epoch"), t("col_train_acc"), t("col_val_acc"), t("col_test_best"), t("col_stable"),
             t("col_extract_s"), t("col_train_s"), t("col_images_s"), t("col_weights"),
         ]
-        lines += markdown_table(headers, rows, right={2, 3, 4, 5, 6, 8, 9, 10}) + ctx.sources([sweep.parent, *used]) + [""]
+        # Earlier parent runs of a resumed study that recorded a pooling's extraction are sources too.
+        extractors = [run for run in sweep.earlier if any(sweep.variant_run(p) is run for p in _varying(sweep.trials, "pooling"))]
+        lines += markdown_table(headers, rows, right={2, 3, 4, 5, 6, 8, 9, 10}) + ctx.sources([sweep.parent, *extractors, *used]) + [""]
         scales, layers = _activation_scales(sweep)
         if scales:
             figure = plots.activation_figure(scales, layers, t)
@@ -271,7 +275,13 @@ def importances(trials: list[RunRecord]) -> dict[str, float]:
     if len(names) < 2:
         return {name: 1.0 for name in names}
     distributions = _distributions(scored, names)
-    study = optuna.create_study(direction="maximize")
+    # An in-memory study only feeds fANOVA here, so Optuna's "new study created" message is noise.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="maximize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for trial in scored:
         params = {}
         for name in names:

@@ -105,6 +105,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "en": "The test pass refits the best configuration with {n} seeds (from {seed}) and reports their mean and standard deviation.",
         "fr": "Le passage sur le test réentraîne la meilleure configuration avec {n} graines (à partir de {seed}) et donne leur moyenne et leur écart-type.",
     },
+    "protocol_one_seed": {
+        "en": "The test pass refits the best configuration once, with seed {seed}, so no spread over seeds is reported.",
+        "fr": "Le passage sur le test réentraîne la meilleure configuration une seule fois, avec la graine {seed} : aucun écart entre graines n'est donné.",
+    },
     "protocol_limit_none": {"en": "every image kept", "fr": "toutes les images conservées"},
     "protocol_limit": {"en": "at most {n} images per class and split", "fr": "au plus {n} images par classe et par partie"},
     "protocol_duplicates": {

@@ -77,8 +77,6 @@ def run_seed_repeats(
     tracking.log_metrics(client, parent_id, summary)
     tracking.log_curves(client, parent_id, {"test_accuracy_seed": accuracies, "refit_train_accuracy_seed": train_accuracies})
     tracking.log_new_params(client, parent_id, {f"best_{k}": v for k, v in params.items()} | {"best_trial_number": best.number, "seeds": seeds, "refit_epochs": refit_epochs})
-    log.info(
-        "Best trial %d: %s, validation accuracy %.4f, test accuracy %.4f +- %.4f over %d seeds.",
-        best.number, params, best.value, summary["test_accuracy_mean"], summary["test_accuracy_std"], seeds,
-    )
+    spread = f"+- {summary['test_accuracy_std']:.4f} over {seeds} seeds" if seeds > 1 else "with 1 seed"
+    log.info("Best trial %d: %s, validation accuracy %.4f, test accuracy %.4f %s.", best.number, params, best.value, summary["test_accuracy_mean"], spread)
     return summary

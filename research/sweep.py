@@ -29,7 +29,7 @@ from research.resume import sweep_parent_run
 from research.pooling import ActivationStats, swap_pooling
 from research.seeds import run_seed_repeats
 from research.studies import StudyConfig, load_study
-from research.variants import FeatureProvider, Features, Variant
+from research.variants import FeatureProvider, Features, Variant, check_backbone_variants
 from research.workers import initialise_stores, run_worker_processes
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ def run_sweep(config: SweepConfig) -> dict:
     if config.max_epochs > 0:
         study_config = dataclasses.replace(study_config, fixed={**study_config.fixed, "max_epochs": config.max_epochs})
     weights = resolve_weights(config.backbone, config.weights)
+    check_backbone_variants(study_config, config.backbone)
     ensure_writable(Path(config.cache_dir), "cache_dir")
     initialise_stores(config)
     dataset = load_dataset(config.data_dir, seed=config.seed, val_fraction=config.val_fraction, limit_per_class=config.limit_per_class)

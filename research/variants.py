@@ -14,11 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import timm
+import torch
 from mlflow.tracking import MlflowClient
 
 from research import tracking
+from research.backbone import is_vgg
 from research.cache import CacheEntry
 from research.fc_width import VGG_FC_WIDTH
+from research.pooling import PoolingError, make_pooling, max_pool_names
+from research.studies import StudyConfig, StudyConfigError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,44 @@ class Features:
     y_test: np.ndarray
     cache_key: str = ""
     variant: Variant = Variant()
+
+
+def check_backbone_variants(study: StudyConfig, backbone: str) -> None:
+    """Reject a study whose poolings or FC widths ``backbone`` cannot build, before any trial runs.
+
+    The model is built on PyTorch's ``meta`` device, so no weights are allocated or loaded.
+
+    Raises:
+        StudyConfigError: The study replaces max pooling in a backbone without MaxPool2d layers (or
+            with padded ones, which LPPool2d cannot replace), or changes the FC width of a backbone
+            that is not a timm VGG.
+    """
+    poolings = {choice for spec in study.params if spec.name == "pooling" for choice in spec.choices}
+    poolings.add(study.fixed.get("pooling", "max"))
+    other_poolings = sorted(poolings - {"max"})
+    fc_width = "fc_width_svm" in study.classifiers()
+    if not other_poolings and not fc_width:
+        return
+
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False)
+    if other_poolings and not max_pool_names(model):
+        raise StudyConfigError(
+            f"Study '{study.name}' replaces max pooling with {', '.join(other_poolings)}, but backbone {backbone} has no "
+            "MaxPool2d layer to replace. Use backbone=vgg16 (with weights=none when no VGG16 checkpoint is at hand), "
+            "or a study without a pooling search such as svm or head."
+        )
+    for pooling in other_poolings:
+        for name in max_pool_names(model):
+            try:
+                make_pooling(pooling, model.get_submodule(name))
+            except PoolingError as error:
+                raise StudyConfigError(f"Study '{study.name}' cannot use pooling {pooling} on backbone {backbone} ({name}): {error}") from error
+    if fc_width and not is_vgg(model):
+        raise StudyConfigError(
+            f"Study '{study.name}' changes the width of fc6 and fc7, which only a timm VGG has; backbone {backbone} is not one. "
+            "Use backbone=vgg16 (with weights=none when no VGG16 checkpoint is at hand), or the svm study."
+        )
 
 
 def extraction_metrics(manifest: dict) -> dict[str, float]:

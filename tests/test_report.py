@@ -15,7 +15,7 @@ from research.featuremaps import run_featuremaps
 from research.layers import describe_model
 from research.predict import run_predict
 from research.report import write_report
-from research.report_runs import ReportError, RunRecord
+from research.report_runs import ReportError, RunRecord, Sweep
 from research.report_studies import importances
 from research.report_text import Text
 from research.sweep import SweepConfig, run_sweep
@@ -324,3 +324,28 @@ def test_failed_report_keeps_figures(isolated_stores: dict, tmp_path: Path) -> N
         write_report("no-sweep-yet", tmp_path / "out", "en")
 
     assert earlier.read_bytes() == b"an earlier figure"
+
+
+def test_sweep_variant_run_falls_back_to_earlier_parent() -> None:
+    first = RunRecord("first", "", "FINISHED", 1, {"study": "pooling"}, {"max_images_per_second": 9.0, "lp1_images_per_second": 7.0}, {})
+    resumed = RunRecord("resumed", "", "FINISHED", 2, {"study": "pooling"}, {"max_images_per_second": 9.5}, {})
+    sweep = Sweep(resumed, [], [first])
+
+    assert sweep.variant_run("max") is resumed
+    assert sweep.variant_run("lp1") is first
+    assert sweep.variant_run("lp2") is resumed
+
+
+def test_report_warns_before_removing_figures(tracked: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked['root'] / 'mlflow.db'}")
+    foreign = tmp_path / "out" / "figures" / "svm-C-otherrun.en.png"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"a figure from another store")
+
+    with caplog.at_level("WARNING", logger="research.report"):
+        write_report(EXPERIMENT, tmp_path / "out", "en")
+
+    assert not foreign.exists()
+    assert "1 of its figures come from runs this report does not read" in caplog.text
+    assert "svm-C-otherrun.en.png" in caplog.text
+    assert "Pass --out" in caplog.text

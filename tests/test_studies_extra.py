@@ -16,7 +16,7 @@ from research.objectives import MLFLOW_RUN_ID_ATTR, TrainSettings, make_objectiv
 from research.optimize import enqueue_cover
 from research.studies import StudyConfigError, load_study, make_pruner
 from research.sweep import SweepConfig, run_sweep
-from research.variants import FeatureProvider, Features, Variant
+from research.variants import FeatureProvider, Features, Variant, check_backbone_variants
 from tests.conftest import REPO_ROOT
 
 HEAD_ONLY_STUDY = """
@@ -287,3 +287,33 @@ def test_fc_width_sweep_runs_the_convolutions_once(
     assert parent.data.metrics["max_fc16_images_per_second"] > 0
     assert parent.data.metrics["max_fc32_act_max_pool5"] == parent.data.metrics["max_act_max_pool5"]
     assert 0.0 <= children["32"].data.metrics["val_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("study", "backbone", "message"),
+    [
+        ("pooling", "tf_efficientnet_lite0", "has no MaxPool2d layer to replace"),
+        ("full", "tf_efficientnet_lite0", "has no MaxPool2d layer to replace"),
+        ("full", "resnet18", "cannot replace a MaxPool2d with padding=1"),
+        ("fc_width_svm", "tf_efficientnet_lite0", "only a timm VGG has"),
+    ],
+)
+def test_backbone_variants_rejected_up_front(study: str, backbone: str, message: str) -> None:
+    with pytest.raises(StudyConfigError, match=message):
+        check_backbone_variants(load_study(study), backbone)
+
+
+@pytest.mark.parametrize("study", ["pooling", "full", "fc_width_svm", "svm", "head"])
+def test_backbone_variants_vgg16_accepted(study: str) -> None:
+    assert check_backbone_variants(load_study(study), "vgg16") is None
+
+
+def test_sweep_checks_backbone_before_any_run(presplit_tree: Path, isolated_stores: dict) -> None:
+    config = SweepConfig(
+        data_dir=str(presplit_tree), study="pooling", n_trials=2, backbone="tf_efficientnet_lite0", weights="none",
+        image_size=32, storage=isolated_stores["storage"], cache_dir=isolated_stores["cache_dir"], experiment="test-early",
+    )
+
+    with pytest.raises(StudyConfigError, match="Use backbone=vgg16"):
+        run_sweep(config)
+    assert MlflowClient().get_experiment_by_name("test-early") is None
