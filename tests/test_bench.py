@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from research import bench
 from research.bench import BenchConfig, forward_gflop, matmul_gflops
 from research.bench_cli import _items
+from research.bench_markdown import render
 from research.bench_report import run_bench
 from research.bench_trial import time_mlflow_calls
 from research.cli import build_parser
@@ -165,3 +167,24 @@ def test_frozen_forward_matches_eager() -> None:
     assert isinstance(frozen, torch.jit.ScriptModule)
     assert torch.allclose(traced, eager, atol=1e-5)
     assert bench.backbone_only_seconds(model, batch, "fp32", steps=1, frozen=True) > 0
+
+
+@pytest.mark.parametrize(("other", "expected"), [(0.1, "Other processes kept at most 0.10 of the 2 cores"), (1.2, "**The machine was shared**: other processes kept up to 1.20")])
+def test_header_reports_other_cpu_use(other: float, expected: str) -> None:
+    # The header reads other_cores wherever a measurement stored it; no item renders this one.
+    record = {"environment": {"cpu_logical_cores": 2}, "unrendered": {"timing": {"load_before": 1.9, "load_after": 2.0, "other_cores": other}}}
+
+    text = render(record, "benchmarks-test.json")
+
+    assert expected in text
+    assert "the raw numbers are in `benchmarks-test.json`" in text
+
+
+def test_other_cpu_leaves_out_own_threads() -> None:
+    with bench.OtherCpu() as other:
+        deadline = time.perf_counter() + 0.3
+        while time.perf_counter() < deadline:
+            pass
+
+    assert other.cores >= 0.0
+    assert other.cores < 1.0
