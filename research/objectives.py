@@ -133,6 +133,8 @@ def fit_head_trial(client: MlflowClient, run_id: str, trial: optuna.Trial, param
         log_head_history(client, run_id, history)
         trial.set_user_attr(BEST_EPOCH_ATTR, history.best_epoch)
     if not history.val_accuracy:
+        # Diverged before the first validation: Optuna gets 0, and the run records the same value.
+        tracking.log_metrics(client, run_id, {"val_accuracy_at_best_epoch": 0.0})
         return 0.0
     return history.val_accuracy[history.best_epoch] if history.best_epoch >= 0 else history.val_accuracy[-1]
 

@@ -112,8 +112,14 @@ class Sweep:
 
 
 def objective_value(trial: RunRecord) -> float | None:
-    """Return the value a trial gave Optuna: the head's accuracy at its best epoch, else ``val_accuracy``."""
-    return trial.metrics.get("val_accuracy_at_best_epoch", trial.metrics.get("val_accuracy"))
+    """Return the value a trial gave Optuna: the head's accuracy at its best epoch, else ``val_accuracy``.
+
+    A head whose loss diverged before its first validation logged neither and gave Optuna 0.
+    """
+    value = trial.metrics.get("val_accuracy_at_best_epoch", trial.metrics.get("val_accuracy"))
+    if value is None and trial.tags.get("head_diverged") == "True":
+        return 0.0
+    return value
 
 
 def best_trial(sweep: Sweep) -> RunRecord | None:

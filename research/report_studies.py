@@ -170,10 +170,12 @@ def _pooling_rows(ctx: Context, sweep: Sweep) -> tuple[list[list[str]], list[Run
                 test = t.percent(parent.metrics["test_accuracy"])
             stable = best.params.get("stable")
             stable_text = "-"
-            if stable is not None:
+            if best.tags.get("head_diverged") == "True":
+                stable_text = t("diverged")
+            elif stable is not None:
                 stable_text = t("yes") if stable == "True" else t("no")
             rows.append([
-                pooling, classifier, f"{best.trial_number}", t.integer(epoch) if epoch is not None else "-",
+                pooling, classifier, f"{best.trial_number}", t.integer(epoch) if epoch is not None and epoch >= 0 else "-",
                 t.percent(train_accuracy), t.percent(objective_value(best)), test,
                 stable_text,
                 t.number(extraction, 3) if extraction is not None else "-", t.number(training, 4) if training is not None else "-",

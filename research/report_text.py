@@ -190,6 +190,7 @@ STRINGS: dict[str, dict[str, str]] = {
     "col_images_s": {"en": "images/s", "fr": "images/s"},
     "yes": {"en": "yes", "fr": "oui"},
     "no": {"en": "no", "fr": "non"},
+    "diverged": {"en": "no (loss diverged)", "fr": "non (perte divergente)"},
     "fig_activation_title": {"en": "Mean absolute activation after each pooling layer", "fr": "Activation absolue moyenne après chaque couche de pooling"},
     "fig_activation_y": {"en": "mean |activation| (log scale)", "fr": "|activation| moyenne (échelle log)"},
     "fig_pool_layer": {"en": "pooling layer", "fr": "couche de pooling"},

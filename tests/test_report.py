@@ -15,7 +15,7 @@ from research.featuremaps import run_featuremaps
 from research.layers import describe_model
 from research.predict import run_predict
 from research.report import write_report
-from research.report_runs import ReportError, RunRecord, Sweep
+from research.report_runs import ReportError, RunRecord, Sweep, objective_value
 from research.report_studies import importances
 from research.report_text import Text
 from research.sweep import SweepConfig, run_sweep
@@ -349,3 +349,11 @@ def test_report_warns_before_removing_figures(tracked: dict, monkeypatch: pytest
     assert "1 of its figures come from runs this report does not read" in caplog.text
     assert "svm-C-otherrun.en.png" in caplog.text
     assert "Pass --out" in caplog.text
+
+
+def test_objective_value_of_diverged_head_is_zero() -> None:
+    diverged = RunRecord("d", "", "FINISHED", 1, {"classifier": "head"}, {"epochs_trained": 0.0}, {"head_diverged": "True"})
+    unscored = RunRecord("u", "", "FINISHED", 2, {"classifier": "head"}, {"epochs_trained": 0.0}, {"head_diverged": "False"})
+
+    assert objective_value(diverged) == 0.0
+    assert objective_value(unscored) is None
