@@ -57,9 +57,12 @@ def relu7_from_pool5(
     """Run a timm VGG's fc6 and fc7 on cached pool5 features; return relu7 and the seconds of each batch.
 
     Only fc6 and fc7 differ between FC-width variants, so their relu7 features follow from the
-    pool5 features of the same pooling without running the convolutions again. The result equals
-    a full pass: pool5 is reshaped to the feature map it was flattened from, and the layers run in
-    the same precision as the extraction (bf16 values stored as float32 convert back exactly).
+    pool5 features of the same pooling without running the convolutions again. The layers run in
+    the precision of the extraction (bf16 values stored as float32 convert back exactly). When the
+    map has fc6's kernel size (7x7 at 224 px), fc6 and fc7 run as matrix products, which is the
+    same arithmetic as the convolutions but about 5 times faster in bf16 on a 2-core AVX512-BF16
+    CPU; the result then matches a full pass up to bf16 rounding. Other sizes go through the
+    model's own ``forward_head``.
 
     Raises:
         ValueError: The model is not a timm VGG, or ``pool5`` does not match its channel count.
@@ -73,12 +76,33 @@ def relu7_from_pool5(
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
+    forward = _fc_as_matmul(model.pre_logits) if (side, side) == tuple(model.pre_logits.fc1.kernel_size) else None
     parts, seconds = [], []
     with torch.inference_mode():
         for start in range(0, pool5.shape[0], batch_size):
             began = time.perf_counter()
-            maps = torch.from_numpy(pool5[start : start + batch_size]).to(device=device, dtype=dtype)
-            relu7 = model.forward_head(maps.view(-1, channels, side, side), pre_logits=True)
+            rows = torch.from_numpy(pool5[start : start + batch_size]).to(device=device, dtype=dtype)
+            if forward is not None:
+                relu7 = forward(rows)
+            else:
+                relu7 = model.forward_head(rows.view(-1, channels, side, side), pre_logits=True)
             parts.append(relu7.float().cpu().numpy())
             seconds.append(time.perf_counter() - began)
     return np.concatenate(parts), seconds
+
+
+def _fc_as_matmul(mlp: nn.Module):
+    """Return fc6 -> ReLU -> fc7 -> ReLU of timm's ConvMlp as matrix products on flattened pool5 rows.
+
+    fc6 is a convolution whose kernel covers the whole 7x7 map, so its weight flattened in (C, H, W)
+    order is a matrix over pool5 flattened in the same order; fc7 is a 1x1 convolution. Dropout is
+    left out, as in eval mode.
+    """
+    fc6 = mlp.fc1.weight.reshape(mlp.fc1.out_channels, -1)
+    fc7 = mlp.fc2.weight.reshape(mlp.fc2.out_channels, -1)
+
+    def forward(rows: torch.Tensor) -> torch.Tensor:
+        hidden = mlp.act1(nn.functional.linear(rows, fc6, mlp.fc1.bias))
+        return mlp.act2(nn.functional.linear(hidden, fc7, mlp.fc2.bias))
+
+    return forward

@@ -112,6 +112,8 @@ def _extract_cached(
     if variant.fc_width is not None:
         # Added only for this variant, so the keys of entries made before it existed stay valid.
         fields["fc_width"] = variant.fc_width
+        # relu7 of these entries comes from cached pool5 through matrix products (see relu7_from_pool5).
+        fields["relu7_from"] = "pool5-matmul"
 
     def build():
         model = create_backbone(config.backbone, weights)

@@ -185,7 +185,7 @@ def test_fc_width_rejects_non_vgg() -> None:
         set_fc_width(timm.create_model("tf_efficientnet_lite0", pretrained=False), 1024)
 
 
-@pytest.mark.parametrize(("size", "precision"), [(64, "fp32"), (224, "bf16")])
+@pytest.mark.parametrize(("size", "precision"), [(64, "fp32"), (224, "fp32"), (224, "bf16")])
 def test_relu7_from_pool5_equals_a_full_pass(vgg_state: dict, size: int, precision: str) -> None:
     model = _vgg(vgg_state)
     set_fc_width(model, 48, keep_pretrained=False)
@@ -201,7 +201,10 @@ def test_relu7_from_pool5_equals_a_full_pass(vgg_state: dict, size: int, precisi
 
     assert derived.shape == (3, 48)
     assert len(seconds) == 2
-    assert derived == pytest.approx(full, rel=1e-5, abs=1e-6)
+    # At 224 px fc6 runs as a matrix product: the same sums in another order, so bf16 rounding differs.
+    tolerances = {(64, "fp32"): (1e-5, 1e-6), (224, "fp32"): (1e-4, 1e-5), (224, "bf16"): (2e-2, 2e-2)}
+    rel, abs_ = tolerances[(size, precision)]
+    assert derived == pytest.approx(full, rel=rel, abs=abs_)
 
 
 def test_relu7_from_pool5_rejects_other_widths(vgg_state: dict) -> None:
