@@ -59,10 +59,10 @@ def relu7_from_pool5(
     Only fc6 and fc7 differ between FC-width variants, so their relu7 features follow from the
     pool5 features of the same pooling without running the convolutions again. The layers run in
     the precision of the extraction (bf16 values stored as float32 convert back exactly). When the
-    map has fc6's kernel size (7x7 at 224 px), fc6 and fc7 run as matrix products, which is the
-    same arithmetic as the convolutions but about 5 times faster in bf16 on a 2-core AVX512-BF16
-    CPU; the result then matches a full pass up to bf16 rounding. Other sizes go through the
-    model's own ``forward_head``.
+    map has fc6's kernel size (7x7 at 224 px), fc6 and fc7 run as matrix products. That is the
+    same arithmetic as the convolutions, and it ran about 5 times faster in bf16 on a 2-core
+    AVX512-BF16 CPU. The result then matches a full pass up to bf16 rounding. Other sizes go
+    through the model's own ``forward_head``.
 
     Raises:
         ValueError: The model is not a timm VGG, or ``pool5`` does not match its channel count.
