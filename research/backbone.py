@@ -143,9 +143,13 @@ def create_backbone(model_name: str, weights: Weights) -> nn.Module:
         else:
             model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": weights.request})
     except (RuntimeError, OSError, ValueError, KeyError) as error:
+        # timm lists every missing and unexpected key; the first lines are enough to see the mismatch.
+        detail = str(error).strip().splitlines()
+        summary = " ".join(detail[:2])[:300] + (" ..." if len(detail) > 2 or len(" ".join(detail[:2])) > 300 else "")
         raise WeightsError(
-            f"Loading weights '{weights.request}' into '{model_name}' failed: {error}. Check that the file "
-            f"is a checkpoint of this model, or set {WEIGHTS_OPTION} to none."
+            f"Loading weights '{weights.request}' into '{model_name}' failed: {summary} Check that the file is a "
+            f"checkpoint of {model_name}. If it belongs to another model, set the backbone option to that model's timm "
+            f"name (for example backbone=tf_efficientnet_lite0), or set {WEIGHTS_OPTION} to none."
         ) from error
 
     log.info("Backbone %s created with weights %s.", model_name, weights.label)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -180,9 +181,9 @@ def write_report(experiment: str, out: str | Path | None = None, lang: str = "en
             markdown, figures = build_report(store, lang, Path(staging))
         finally:
             store.close()
-        _replace_figures(Path(staging) / FIGURES_DIR, out_dir / FIGURES_DIR, text.lang)
+        path = out_dir / REPORT_FILES[lang]
+        _replace_figures(Path(staging) / FIGURES_DIR, out_dir / FIGURES_DIR, _report_figures(path))
 
-    path = out_dir / REPORT_FILES[lang]
     partial = path.with_name(f".{path.name}.tmp")
     partial.write_text(markdown, encoding="utf-8")
     os.replace(partial, path)
@@ -190,21 +191,29 @@ def write_report(experiment: str, out: str | Path | None = None, lang: str = "en
     return path
 
 
-def _replace_figures(new_dir: Path, figures_dir: Path, lang: str) -> None:
-    """Swap this language's figures for the new ones; figures an earlier report made and this one does not are removed."""
+def _report_figures(path: Path) -> set[str]:
+    """Return the file names of the figures that an existing report links to, none if there is no report."""
+    if not path.is_file():
+        return set()
+    links = re.findall(rf"\]\({FIGURES_DIR}/([^)/]+\.png)\)", path.read_text(encoding="utf-8"))
+    return set(links)
+
+
+def _replace_figures(new_dir: Path, figures_dir: Path, earlier: set[str]) -> None:
+    """Move the new figures into ``figures_dir`` and remove the earlier report's figures that the new one dropped.
+
+    Only figures that the earlier report links to are removed, so other files in the folder stay.
+    """
     figures_dir.mkdir(parents=True, exist_ok=True)
     new_names = {figure.name for figure in new_dir.iterdir()} if new_dir.is_dir() else set()
-    stale = sorted(figures_dir.glob(f"*.{lang}.png"))
-    dropped = [figure.name for figure in stale if figure.name not in new_names]
+    dropped = sorted(name for name in earlier - new_names if (figures_dir / name).is_file())
     if dropped:
-        # A report is replaced as a whole: figures of runs that are not in this store any more go too.
         log.warning(
-            "Replacing the report in %s: %d of its figures come from runs this report does not read and are removed (%s%s). "
-            "Pass --out to write the report elsewhere.",
+            "Replacing the report in %s: removing %d figure(s) of the earlier report, from runs this report does not read "
+            "(%s%s). Pass --out to keep the earlier report.",
             figures_dir.parent, len(dropped), ", ".join(dropped[:3]), ", ..." if len(dropped) > 3 else "",
         )
-    for figure in stale:
-        figure.unlink()
-    if new_dir.is_dir():
-        for figure in sorted(new_dir.iterdir()):
-            os.replace(figure, figures_dir / figure.name)
+    for name in dropped:
+        (figures_dir / name).unlink()
+    for figure in sorted(new_dir.iterdir()) if new_dir.is_dir() else []:
+        os.replace(figure, figures_dir / figure.name)

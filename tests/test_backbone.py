@@ -76,8 +76,12 @@ def test_weights_of_wrong_model_error() -> None:
     if not path.is_file():
         pytest.skip(f"local weights not found at {path}")
 
-    with pytest.raises(WeightsError, match="Loading weights"):
+    with pytest.raises(WeightsError, match="Loading weights") as error:
         create_backbone("resnet18", resolve_weights("resnet18", str(path)))
+
+    message = str(error.value)
+    assert "set the backbone option to that model's timm name" in message
+    assert len(message) < 1000
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -339,16 +339,34 @@ def test_sweep_variant_run_falls_back_to_earlier_parent() -> None:
 def test_report_warns_before_removing_figures(tracked: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked['root'] / 'mlflow.db'}")
     foreign = tmp_path / "out" / "figures" / "svm-C-otherrun.en.png"
+    unrelated = tmp_path / "out" / "figures" / "sketch.en.png"
     foreign.parent.mkdir(parents=True)
-    foreign.write_bytes(b"a figure from another store")
+    foreign.write_bytes(b"a figure of an earlier report")
+    unrelated.write_bytes(b"a file no report wrote")
+    (tmp_path / "out" / "report.md").write_text("![C](figures/svm-C-otherrun.en.png)\n")
 
     with caplog.at_level("WARNING", logger="research.report"):
         write_report(EXPERIMENT, tmp_path / "out", "en")
 
     assert not foreign.exists()
-    assert "1 of its figures come from runs this report does not read" in caplog.text
+    assert unrelated.read_bytes() == b"a file no report wrote"
+    assert "removing 1 figure(s) of the earlier report, from runs this report does not read" in caplog.text
     assert "svm-C-otherrun.en.png" in caplog.text
+    assert "sketch.en.png" not in caplog.text
     assert "Pass --out" in caplog.text
+
+
+def test_report_keeps_files_without_earlier_report(tracked: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracked['root'] / 'mlflow.db'}")
+    unrelated = tmp_path / "out" / "figures" / "x.en.png"
+    unrelated.parent.mkdir(parents=True)
+    unrelated.write_bytes(b"a file no report wrote")
+
+    with caplog.at_level("WARNING", logger="research.report"):
+        write_report(EXPERIMENT, tmp_path / "out", "en")
+
+    assert unrelated.exists()
+    assert "Replacing the report" not in caplog.text
 
 
 def test_objective_value_of_diverged_head_is_zero() -> None:
