@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     # files (timm 1.0.31); research.backbone logs the loaded weights with their digest instead.
     for noisy in ("alembic", "urllib3", "PIL", "filelock", "timm.models._helpers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Heartbeats, metric names and stale-trial cleanup are marked experimental in Optuna 5.1; the
-    # warning repeats on every sweep and asks nothing of the user.
+    # Heartbeats, metric names and stale-trial cleanup are marked experimental in Optuna 5.1. The
+    # warning repeats on every sweep and needs no action from the user.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     try:

@@ -95,7 +95,7 @@ def _fc_as_matmul(mlp: nn.Module):
     """Return fc6 -> ReLU -> fc7 -> ReLU of timm's ConvMlp as matrix products on flattened pool5 rows.
 
     fc6 is a convolution whose kernel covers the whole 7x7 map, so its weight flattened in (C, H, W)
-    order is a matrix over pool5 flattened in the same order; fc7 is a 1x1 convolution. Dropout is
+    order is a matrix over pool5 flattened in the same order. fc7 is a 1x1 convolution. Dropout is
     left out, as in eval mode.
     """
     fc6 = mlp.fc1.weight.reshape(mlp.fc1.out_channels, -1)

@@ -54,6 +54,15 @@ def _children(client: MlflowClient, parent_id: str) -> list:
     return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
+def _small_vgg_sweep(data: Path, stores: dict, study: str, n_trials: int, seeds: int) -> SweepConfig:
+    """Return a sweep of a random VGG16 at 32 px on a synthetic tree, in the test's own stores."""
+    return SweepConfig(
+        data_dir=str(data), study=study, n_trials=n_trials, backbone="vgg16", weights="none", image_size=32,
+        storage=stores["storage"], cache_dir=stores["cache_dir"], experiment=f"test-{study}",
+        num_workers=0, batch_size=8, seeds=seeds,
+    )
+
+
 def test_full_study_conditional_params() -> None:
     study = load_study("full")
     svm = study.suggest(optuna.trial.FixedTrial({"pooling": "avg", "classifier": "svm", "svm_C": 0.1}))
@@ -168,12 +177,7 @@ def test_pooling_sweep_extracts_once_per_pooling(
         return real_extract(model, *args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "extract_features", counting_extract)
-    config = SweepConfig(
-        data_dir=str(presplit_tree), study="smallpool", n_trials=8, backbone="vgg16", weights="none", image_size=32,
-        storage=isolated_stores["storage"], cache_dir=isolated_stores["cache_dir"], experiment="test-pool",
-        num_workers=0, batch_size=8, seeds=3,
-    )
-    result = run_sweep(config)
+    result = run_sweep(_small_vgg_sweep(presplit_tree, isolated_stores, "smallpool", n_trials=8, seeds=3))
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
     children = _children(client, parent.info.run_id)
@@ -270,12 +274,7 @@ def test_fc_width_sweep_runs_the_convolutions_once(
     extracted = []
     real_extract = sweep_module.extract_features
     monkeypatch.setattr(sweep_module, "extract_features", lambda *a, **k: extracted.append(1) or real_extract(*a, **k))
-    config = SweepConfig(
-        data_dir=str(presplit_tree), study="smallfc", n_trials=3, backbone="vgg16", weights="none", image_size=32,
-        storage=isolated_stores["storage"], cache_dir=isolated_stores["cache_dir"], experiment="test-fc",
-        num_workers=0, batch_size=8, seeds=1,
-    )
-    result = run_sweep(config)
+    result = run_sweep(_small_vgg_sweep(presplit_tree, isolated_stores, "smallfc", n_trials=3, seeds=1))
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
     children = {child.data.params["fc_width"]: child for child in _children(client, parent.info.run_id)}
