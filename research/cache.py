@@ -129,7 +129,7 @@ def load_or_build(
             log.info("Feature cache hit: %s (backbone not run).", path)
             return CacheEntry(key, path, arrays, manifest, hit=True)
 
-        log.info("Feature cache miss: extracting into %s.", path)
+        log.info("Feature cache miss: building %s.", path)
         arrays, extra = build()
         manifest = {"key": key, "fields": {k: v for k, v in fields.items() if k != "files"}, "files": fields["files"], **extra}
         _write(path, arrays, manifest)

@@ -103,7 +103,9 @@ def fc_width_section(ctx: Context) -> list[str]:
     for sweep in sweeps:
         lines += _sweep_heading(ctx, sweep)
         classifiers = sorted({_classifier(trial, sweep) for trial in sweep.trials if "fc_width" in trial.params})
-        lines += [t("fc_width_intro", study=sweep.study_name, classifier=", ".join(classifiers)), ""]
+        # The FC-width SVM has no dropout, so its intro names the width alone.
+        intro = "fc_width_intro" if any("dropout" in trial.params for trial in sweep.trials) else "fc_width_intro_svm"
+        lines += [t(intro, study=sweep.study_name, classifier=", ".join(classifiers)), ""]
         rows, curves, used = [], {}, []
         for width in _varying(sweep.trials, "fc_width"):
             at_width = [trial for trial in sweep.trials if trial.params.get("fc_width") == width]

@@ -157,6 +157,10 @@ STRINGS: dict[str, dict[str, str]] = {
         "en": "Best trial per `fc_width` and `dropout` in study `{study}` (classifier `{classifier}`).",
         "fr": "Meilleur essai par `fc_width` et `dropout` dans l'étude `{study}` (classifieur `{classifier}`).",
     },
+    "fc_width_intro_svm": {
+        "en": "Best trial per `fc_width` in study `{study}` (classifier `{classifier}`, with C searched per trial).",
+        "fr": "Meilleur essai par `fc_width` dans l'étude `{study}` (classifieur `{classifier}`, C cherché à chaque essai).",
+    },
     "fc_width_lab": {
         "en": "The lab's figures (not tracked here): 84.76% with fc6/fc7 widened to 8196 (C = 0.0120) and 87.47% at 16384 (C = 0.003), against 89.15% at the original 4096.",
         "fr": "Chiffres du TP (non suivis ici) : 84,76 % avec fc6/fc7 élargies à 8196 (C = 0,0120) et 87,47 % à 16384 (C = 0,003), contre 89,15 % à la largeur d'origine 4096.",

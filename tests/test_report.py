@@ -299,6 +299,7 @@ def test_report_pooling_and_width_sections(isolated_stores: dict, tmp_path: Path
     assert f"| 1024 | head | 0.10 | 1 | 0 (`learning_rate`=0.01) | 1 | {t.percent(0.35)} | {t.percent(0.3)} | `x.safetensors` |" in width
     assert f"| 4096 | head | 0.20 | 1 | 2 (`learning_rate`=0.01) | 1 | {t.percent(0.85)} | {t.percent(0.8)} | `x.safetensors` |" in width
     assert "figures/fc-width-curves-" in width
+    assert "Best trial per `fc_width` and `dropout`" in width
     assert "No tracked runs" not in width
     assert "**Warning: random weights.**" not in text
     assert "/raw/x.safetensors" not in text
