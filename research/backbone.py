@@ -17,7 +17,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_SECONDS = 5.0
-# How error messages name the option, for both `research` and `mlflow run` users.
+# Name of the weights option in error messages, in the spellings of both `research` and `mlflow run`.
 WEIGHTS_OPTION = "the weights option (--weights, or -P weights=... under mlflow run)"
 # weights=none draws the random initialisation from this fixed seed, so two runs (and the feature
 # cache shared between them) see the same random backbone whatever the sweep's seed.

@@ -54,6 +54,24 @@ def _children(client: MlflowClient, parent_id: str) -> list:
     return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
+def _record_extractions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, study: str, text: str) -> list[str]:
+    """Make the sweep load ``study`` from ``text`` and return the list that collects each backbone pass.
+
+    Every call of ``extract_features`` appends the class name of VGG's first pooling layer.
+    """
+    sweeps = _write_study(tmp_path / "sweeps", study, text)
+    monkeypatch.setattr(sweep_module, "load_study", lambda name: load_study(name, sweeps))
+    extracted: list[str] = []
+    real_extract = sweep_module.extract_features
+
+    def counting_extract(model, *args, **kwargs):
+        extracted.append(type(model.features[4]).__name__)
+        return real_extract(model, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "extract_features", counting_extract)
+    return extracted
+
+
 def _small_vgg_sweep(data: Path, stores: dict, study: str, n_trials: int, seeds: int) -> SweepConfig:
     """Return a sweep of a random VGG16 at 32 px on a synthetic tree, in the test's own stores."""
     return SweepConfig(
@@ -167,16 +185,7 @@ def test_variant_from_params() -> None:
 def test_pooling_sweep_extracts_once_per_pooling(
     presplit_tree: Path, isolated_stores: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sweeps = _write_study(tmp_path / "sweeps", "smallpool", SMALL_POOLING_STUDY)
-    monkeypatch.setattr(sweep_module, "load_study", lambda name: load_study(name, sweeps))
-    extracted = []
-    real_extract = sweep_module.extract_features
-
-    def counting_extract(model, *args, **kwargs):
-        extracted.append(type(model.features[4]).__name__)
-        return real_extract(model, *args, **kwargs)
-
-    monkeypatch.setattr(sweep_module, "extract_features", counting_extract)
+    extracted = _record_extractions(monkeypatch, tmp_path, "smallpool", SMALL_POOLING_STUDY)
     result = run_sweep(_small_vgg_sweep(presplit_tree, isolated_stores, "smallpool", n_trials=8, seeds=3))
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
@@ -269,11 +278,7 @@ fixed: {pooling: max, fc_pretrained: true, normalize: standard}
 def test_fc_width_sweep_runs_the_convolutions_once(
     presplit_tree: Path, isolated_stores: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sweeps = _write_study(tmp_path / "sweeps", "smallfc", FC_WIDTH_STUDY)
-    monkeypatch.setattr(sweep_module, "load_study", lambda name: load_study(name, sweeps))
-    extracted = []
-    real_extract = sweep_module.extract_features
-    monkeypatch.setattr(sweep_module, "extract_features", lambda *a, **k: extracted.append(1) or real_extract(*a, **k))
+    extracted = _record_extractions(monkeypatch, tmp_path, "smallfc", FC_WIDTH_STUDY)
     result = run_sweep(_small_vgg_sweep(presplit_tree, isolated_stores, "smallfc", n_trials=3, seeds=1))
     client = MlflowClient()
     parent = client.get_run(result["parent_run_id"])
